@@ -1,0 +1,1 @@
+"""Prefect flows and tasks chaining the curriculum stages."""

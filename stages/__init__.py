@@ -1,0 +1,1 @@
+"""Curriculum stages as DeepSpeed ZeRO jobs: engine set-up, loop, checkpoints, evaluation, MLflow."""
