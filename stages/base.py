@@ -41,6 +41,10 @@ class StageContext:
 class StageTask(ABC):
     """What one curriculum stage trains, on which data, with which loss."""
 
+    trains: bool = True
+    """False for tasks without optimizer steps (mining): the runner skips the engine, the
+    loop and checkpoints, and only calls ``build_model``, ``evaluate`` and ``export``."""
+
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
 
