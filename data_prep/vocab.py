@@ -34,13 +34,34 @@ QUESTION_TEMPLATES: dict[str, str] = {
     "color": "what color is the {shape}?",
     "exists": "is there a {color} {shape}?",
     "where": "where is the {color} {shape}?",
-    "count": "how many {shape}s are there?",
+    "count": "how many {shapes} are there?",
 }
+
+
+def plural(shape: str) -> str:
+    """English plural of a shape name (``cross`` -> ``crosses``), used by count questions."""
+    return shape + ("es" if shape.endswith(("s", "x")) else "s")
+
 
 # Stage-1 query for a category (COCO and synthetic alike).
 FIND_TEMPLATE = "find the {category}."
 
 _EXTRA_WORDS = ("yes", "no", "image", "in", "the", "a", "an", "of", "is", "are", "there")
+
+# Annotator noise in the synthetic VQAv2 answers: spelled-out numbers, casual yes/no,
+# a colour synonym and phrasings of positions. The official VQA normalisation maps
+# the number words and strips the punctuation; the rest stay minority answers.
+NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+ANSWER_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "yes": ("yeah", "yep"),
+    "no": ("nope",),
+    "purple": ("violet",),
+    "left": ("on the left", "left side"),
+    "right": ("on the right", "right side"),
+    "top": ("at the top", "top side"),
+    "bottom": ("at the bottom", "bottom side"),
+}
+ANSWER_PUNCTUATION: tuple[str, ...] = (".", "!")
 
 
 def split_words(text: str) -> list[str]:
@@ -51,10 +72,13 @@ def split_words(text: str) -> list[str]:
 def vocabulary() -> list[str]:
     """Every word a synthetic question, query or answer can contain, sorted."""
     words: set[str] = set(_EXTRA_WORDS) | set(WHERE_ANSWERS) | set(NUMBER_ANSWERS)
-    words |= set(COLORS)
+    words |= set(COLORS) | set(NUMBER_WORDS) | set(ANSWER_PUNCTUATION)
+    for variants in ANSWER_SYNONYMS.values():
+        for variant in variants:
+            words.update(split_words(variant))
     for shape in SHAPES:
         words.add(shape)
-        words.add(shape + "s")
+        words.add(plural(shape))
     for template in (*QUESTION_TEMPLATES.values(), FIND_TEMPLATE):
         skeleton = re.sub(r"\{\w+\}", " ", template)
         words.update(split_words(skeleton))
