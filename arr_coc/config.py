@@ -68,6 +68,22 @@ class AllocatorSection(_Section):
     """Smallest K when adaptive."""
     budget_max: int = 48
     """Largest K when adaptive."""
+    coupling_dim: int = 16
+    """Width of the participatory scorer's query–content space; its two projections
+    (``(vision_dim + query_dim) * coupling_dim`` weights) dominate the allocator's size."""
+    gumbel_scale: float = 1.0
+    """Scale of the Gumbel noise added to the scores before top-K (``gumbel`` mode, training only)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> AllocatorSection:
+        for key in ("hidden", "budget_min", "coupling_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.budget_max < self.budget_min:
+            raise ValueError("budget_max must be >= budget_min")
+        if self.gumbel_scale < 0:
+            raise ValueError("gumbel_scale must be >= 0")
+        return self
 
 
 class DataSection(_Section):
