@@ -273,8 +273,10 @@ class ARRCOCQwen(nn.Module):
     @torch.no_grad()
     def generate_ids(self, input_ids, attention_mask, pixel_values, image_grid_thw, images=None,
                      budget: Budget = None, max_new_tokens: int = 4, mm_token_type_ids=None,
-                     **_unused) -> list[list[int]]:
+                     return_logits: bool = False, **_unused):
         """Greedy decoding with a KV cache; per sample the new token ids up to and including ``<|im_end|>``.
+
+        With ``return_logits`` also the ``[B, steps, V]`` next-token logits of every step.
 
         New tokens are appended after the (right-padded) prompt; padding stays masked. The n-th new
         token of a sample sits at M-RoPE position ``max(prompt positions) + n`` on all three axes,
@@ -295,8 +297,10 @@ class ARRCOCQwen(nn.Module):
         mask = packed.attention_mask
         generated: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
+        step_logits = []
         for step in range(max_new_tokens):
-            tokens = base.lm_head(last_hidden).argmax(-1)
+            step_logits.append(base.lm_head(last_hidden))
+            tokens = step_logits[-1].argmax(-1)
             for row, token in enumerate(tokens.tolist()):
                 if not done[row]:
                     generated[row].append(token)
@@ -312,6 +316,8 @@ class ARRCOCQwen(nn.Module):
             )
             out = self._language_model(step_packed, past_key_values=cache, use_cache=True)
             last_hidden = out.last_hidden_state[:, -1]
+        if return_logits:
+            return generated, torch.stack(step_logits, dim=1)
         return generated
 
     def generate(self, *args, **kwargs) -> list[str]:
