@@ -6,7 +6,7 @@ image before mixing, so only their *ranking and spacing within an image* matters
 why the final layers have no bias: a constant offset would vanish in the standardisation.
 
 * :class:`InformationScorer` (propositional: *how much is there*): the Shannon entropy of the
-  pixels inside each cell, from soft histograms of luminance and two colour-opponent channels,
+  pixels inside each cell, from histograms of luminance and two colour-opponent channels,
   mixed by a tiny learnable head.
 * :class:`PerspectivalScorer` (perspectival: *what stands out*): a small CNN over the 13-channel
   texture array (:mod:`arr_coc.texture`), so each token sees its neighbourhood.
@@ -22,31 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arr_coc.texture import NUM_CHANNELS, cell_mean, opponent, working_image
+from arr_coc.texture import NUM_CHANNELS, opponent, working_image
 
-ENTROPY_BINS = 8
+ENTROPY_BINS = 16
 
 
-def soft_histograms(values: Tensor, bins: int = ENTROPY_BINS) -> Tensor:
-    """Triangular soft-binning of ``[C, H, W]`` values in [0, 1] → bin memberships ``[C, bins, H, W]``.
+def cell_histograms(values: Tensor, grid_hw: tuple[int, int], bins: int = ENTROPY_BINS) -> Tensor:
+    """Per-cell histograms of ``[C, gh*ch, gw*cw]`` values in [0, 1] → probabilities ``[C, N, bins]``.
 
-    Each value spreads over its two nearest bin centres (weights sum to 1), so the histogram
-    changes smoothly with the pixels instead of jumping at bin edges.
+    Hard bins, counted with one ``scatter_add`` over all pixels (no per-cell loop). Hard rather
+    than soft binning, because a kernel spreading a flat cell over two neighbouring bins would
+    give it an entropy that depends on its grey level; here a flat cell has entropy exactly 0.
     """
-    centres = (torch.arange(bins, device=values.device, dtype=values.dtype) + 0.5) / bins
-    clamped = values.clamp(float(centres[0]), float(centres[-1]))
-    return (1.0 - (clamped[:, None] - centres[None, :, None, None]).abs() * bins).clamp_min(0.0)
+    channels, height, width = values.shape
+    gh, gw = grid_hw
+    ch, cw = height // gh, width // gw
+    rows = torch.arange(height, device=values.device) // ch
+    cols = torch.arange(width, device=values.device) // cw
+    cell = (rows[:, None] * gw + cols[None, :]).flatten()  # [H*W]
+    bucket = (values.flatten(1) * bins).long().clamp(0, bins - 1)  # [C, H*W]
+    counts = torch.zeros(channels, gh * gw * bins, device=values.device, dtype=values.dtype)
+    counts.scatter_add_(1, cell[None] * bins + bucket, torch.ones_like(bucket, dtype=values.dtype))
+    return counts.view(channels, gh * gw, bins) / (ch * cw)
 
 
 @torch.no_grad()
 def cell_entropies(image: Tensor, grid_hw: tuple[int, int], bins: int = ENTROPY_BINS) -> Tensor:
-    """Normalised entropy (in [0, 1]) of luminance, red-green and blue-yellow inside each cell → ``[3, N]``."""
+    """Normalised Shannon entropy (in [0, 1]) of luminance, red-green and blue-yellow in each cell → ``[3, N]``."""
     rgb = working_image(image, grid_hw)
     channels = opponent(rgb)
     channels[1:] = (channels[1:] + 1.0) * 0.5  # opponent channels from [-1, 1] to [0, 1]
-    memberships = soft_histograms(channels, bins)  # [3, bins, H, W]
-    probs = cell_mean(memberships.flatten(0, 1), grid_hw).view(3, bins, -1)  # [3, bins, N]
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+    probs = cell_histograms(channels, grid_hw, bins)  # [3, N, bins]
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
     return entropy / math.log(bins)
 
 

@@ -209,9 +209,14 @@ def contrast_channels(cell_rgb: Tensor) -> Tensor:
 
 
 def luminance_std(luma: Tensor, grid_hw: tuple[int, int]) -> Tensor:
-    """Per-cell standard deviation of luminance (texture energy), relative."""
-    moments = cell_mean(torch.stack([luma, luma * luma]), grid_hw)
-    std = (moments[1] - moments[0].pow(2)).clamp_min(0.0).sqrt()
+    """Per-cell standard deviation of luminance (texture energy), relative.
+
+    Two-pass (deviations from the cell mean), because ``E[x^2] - E[x]^2`` cancels badly in
+    float32 and would turn a flat cell into noise.
+    """
+    means = cell_mean(luma[None], grid_hw)
+    spread = luma[None] - F.interpolate(means[None], size=luma.shape, mode="nearest")[0]
+    std = cell_mean(spread * spread, grid_hw)[0].sqrt()
     return _relative(std, STD_FLOOR)[None]
 
 
