@@ -21,6 +21,7 @@ from arr_coc.config import RunConfig
 from arr_coc.errors import DataError
 
 MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)
@@ -43,65 +44,58 @@ def _is_distributed() -> bool:
 
 
 def ensure_data(cfg: RunConfig) -> DataPaths:
-    """Generate (synthetic) and shard the run's data unless both manifests exist.
+    """Generate (synthetic) and shard the run's data unless both manifests hold their splits.
 
     Under several ranks only rank 0 writes; the others wait at a barrier, so no two
     processes shard into the same folder.
     """
     paths = data_paths(cfg)
     rank = torch.distributed.get_rank() if _is_distributed() else 0
-    if rank == 0 and not ((paths.coco / MANIFEST).is_file() and (paths.vqav2 / MANIFEST).is_file()):
+    if rank == 0 and not (_complete(paths.coco) and _complete(paths.vqav2)):
         _prepare(cfg, paths)
     if _is_distributed():
         torch.distributed.barrier()
     return paths
 
 
+def _complete(shard_dir: Path) -> bool:
+    """The manifest lists both splits (data_prep writes it after each split's shards)."""
+    path = shard_dir / MANIFEST
+    if not path.is_file():
+        return False
+    splits = json.loads(path.read_text()).get("splits", {})
+    return all(split in splits for split in SPLITS)
+
+
 def _prepare(cfg: RunConfig, paths: DataPaths) -> None:
     from data_prep import shard
 
-    sources = _sources(cfg, paths)
-    common = {"shard_size": cfg.data.shard_size, "workers": cfg.data.workers,
-              "max_bad_fraction": cfg.data.max_bad_fraction}
-    for split in ("train", "val"):
-        shard.shard_coco(annotations=sources[f"coco_{split}"], images=sources["images"], out=paths.coco,
-                         split=split, **common)
-        shard.shard_vqav2(questions=sources[f"questions_{split}"], annotations=sources[f"annotations_{split}"],
-                          images=sources["images"], out=paths.vqav2, split=split, **common)
-
-
-def _sources(cfg: RunConfig, paths: DataPaths) -> dict[str, Path]:
-    """Source files per split: generated synthetic ones, or the config's COCO / VQAv2 paths."""
+    options = {"shard_size": cfg.data.shard_size, "workers": cfg.data.workers,
+               "max_bad_fraction": cfg.data.max_bad_fraction, "progress": False}
     if cfg.data.source == "synthetic":
-        from data_prep import synth
-
-        if not (paths.raw / "instances_val.json").is_file():
-            synth.generate(paths.raw, images=cfg.data.images, seed=cfg.seed, image_size=cfg.model.image_size,
-                           val_fraction=cfg.data.val_fraction)
         raw = paths.raw
-        return {
-            "images": raw / "images",
-            **{f"coco_{s}": raw / f"instances_{s}.json" for s in ("train", "val")},
-            **{f"questions_{s}": raw / f"questions_{s}.json" for s in ("train", "val")},
-            **{f"annotations_{s}": raw / f"annotations_{s}.json" for s in ("train", "val")},
-        }
+        if not all((raw / f"{name}_{split}.json").is_file()
+                   for name in ("instances", "questions", "annotations") for split in SPLITS):
+            from data_prep import synth
+
+            synth.generate(raw, images=cfg.data.images, seed=cfg.seed, image_size=cfg.model.image_size,
+                           val_fraction=cfg.data.val_fraction)
+        for split in SPLITS:
+            shard.shard_coco(raw / f"instances_{split}.json", raw / "images", paths.coco, split=split, **options)
+            shard.shard_vqav2(raw / f"questions_{split}.json", raw / f"annotations_{split}.json", raw / "images",
+                              paths.vqav2, split=split, **options)
+        return
+    # Real COCO / VQAv2: the split comes from the file names (train2014, val2017, ...).
     data = cfg.data
-    # Real COCO / VQAv2: one file each in the config; both splits share it and the shard
-    # writer keeps the split named in the file (train2014 / val2014).
-    return {
-        "images": Path(data.coco_images),
-        "coco_train": Path(data.coco_annotations), "coco_val": Path(data.coco_annotations),
-        "questions_train": Path(data.vqa_questions), "questions_val": Path(data.vqa_questions),
-        "annotations_train": Path(data.vqa_annotations), "annotations_val": Path(data.vqa_annotations),
-    }
+    shard.shard_coco(data.coco_annotations, data.coco_images, paths.coco, **options)
+    shard.shard_vqav2(data.vqa_questions, data.vqa_annotations, data.vqa_images, paths.vqav2, **options)
 
 
 def shard_urls(shard_dir: Path, split: str) -> list[str]:
-    """Sorted shard paths of one split; a DataError naming the folder when there are none."""
-    urls = sorted(str(p) for p in Path(shard_dir).glob(f"{split}-*.tar"))
-    if not urls:
-        raise DataError(f"{shard_dir}: no {split}-*.tar shards (run `arr-coc shard` or delete {MANIFEST})")
-    return urls
+    """A split's shard paths in manifest order (DataError naming the manifest when absent)."""
+    from data_prep import shard
+
+    return shard.shard_urls(shard_dir, split)
 
 
 def read_samples(shard_dir: Path, split: str, limit: int | None = None) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """Stage 1, proxy IoU: teach the allocator where the queried object is.
 
 The VLM is frozen (no parameter of it has ``requires_grad``); only the allocator trains.
-Each COCO-format image becomes a "find the <category>." query for one of the categories
-in it (drawn with the torch RNG, which the runner checkpoints, so resume is exact), and
+Each COCO-format image becomes one "find the <category>." query per category in it
+(data_prep.masks.stage1_queries, expanded by the shard loader, so resume is exact), and
 the allocator's scores over the merged token grid are fitted to that category's box
 coverage with a differentiable soft IoU plus a binary cross-entropy term.
 
@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arr_coc.errors import DataError
-from data_prep.vocab import FIND_TEMPLATE
+from data_prep.masks import box_mask, stage1_queries
 from stages import common
 from stages.base import StageContext, StageTask
 from stages.data import ensure_data, read_samples, shard_urls
@@ -46,20 +45,8 @@ BCE_WEIGHT = 0.5
 HEATMAP_SAMPLES = 4
 
 
-def find_query(category: str) -> str:
-    return FIND_TEMPLATE.format(category=category)
-
-
-def categories_in(record: dict[str, Any]) -> list[str]:
-    """Distinct categories with at least one non-crowd box, in first-seen order."""
-    names = [o["category"] for o in record.get("objects", []) if not o.get("iscrowd")]
-    return list(dict.fromkeys(names))
-
-
 def coverage_mask(record: dict[str, Any], category: str, grid_hw: tuple[int, int]) -> torch.Tensor:
     """``[N]`` coverage of each merged cell by the category's boxes (data_prep.masks)."""
-    from data_prep.masks import box_mask
-
     mask = box_mask(record["objects"], category, record["width"], record["height"], grid_hw)
     return torch.as_tensor(mask, dtype=torch.float32).flatten()
 
@@ -89,6 +76,10 @@ class Stage1Task(StageTask):
         self.initial_allocator: nn.Module | None = None
         self._eval_queries: list[dict[str, Any]] | None = None
 
+    def upstream_required(self) -> bool:
+        """The tiny model's base is the stage-0 export; a pretrained base needs no upstream."""
+        return self.ctx.cfg.model.source == "tiny"
+
     # ----------------------------------------------------------------- model and data
     def build_model(self) -> nn.Module:
         model, self.processor = common.build_vlm(self.ctx, self.base)
@@ -100,24 +91,11 @@ class Stage1Task(StageTask):
         from data_prep.loader import ShardLoader
 
         return ShardLoader(shard_urls(self.paths.coco, "train"), batch_size=self.ctx.stage.batch_size,
-                           rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=0, seed=self.ctx.cfg.seed)
-
-    def _queries(self, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One query per image: a category present in it, drawn with the torch RNG."""
-        queries = []
-        for sample in samples:
-            present = categories_in(sample["json"])
-            if not present:
-                continue
-            pick = int(torch.randint(len(present), (1,)).item())
-            queries.append({"image": sample["image"], "json": sample["json"], "category": present[pick]})
-        if not queries:
-            keys = [s.get("__key__") for s in samples]
-            raise DataError(f"stage1: no image in batch {keys} has a (non-crowd) object to query")
-        return queries
+                           rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=0, seed=self.ctx.cfg.seed,
+                           expand=stage1_queries)
 
     def _inputs(self, queries: list[dict[str, Any]]):
-        inputs = self.processor([q["image"] for q in queries], [find_query(q["category"]) for q in queries])
+        inputs = self.processor([q["image"] for q in queries], [q["query"] for q in queries])
         inputs.pop("labels", None)
         return common.to_device(inputs, self.ctx.device)
 
@@ -126,7 +104,7 @@ class Stage1Task(StageTask):
 
     # ----------------------------------------------------------------- training
     def training_step(self, model, batch):
-        queries = self._queries(batch)
+        queries = batch  # one (image, category) query per item: the loader expands images
         inputs = self._inputs(queries)
         module = common.unwrap(model)
         allocations = score_with_grad(module, inputs, clipped_budget(self.ctx.stage.budget, inputs,
@@ -143,7 +121,6 @@ class Stage1Task(StageTask):
             "soft_iou_loss": float(soft_iou.detach()),
             "bce": float(bce.detach()),
             "tokens_kept": sum(a.budget for a in allocations) / len(allocations),
-            "skipped_no_objects": float(len(batch) - len(queries)),
         }
         return loss, logs
 
@@ -154,8 +131,8 @@ class Stage1Task(StageTask):
             queries: list[dict[str, Any]] = []
             limit = self.ctx.stage.eval_samples
             for sample in read_samples(self.paths.coco, "val"):
-                for category in categories_in(sample["json"]):
-                    queries.append({"image": sample["image"], "json": sample["json"], "category": category})
+                for query in stage1_queries(sample["json"]):
+                    queries.append({"image": sample["image"], "json": sample["json"], **query})
                 if len(queries) >= limit:
                     break
             self._eval_queries = queries[:limit]
@@ -218,5 +195,5 @@ class Stage1Task(StageTask):
         allocations = module.score_tokens(**inputs, budget=clipped_budget(self.ctx.stage.budget, inputs,
                                                                           self.processor.merge_size))
         if common.is_writer(self.ctx):
-            names = [find_query(q["category"]) for q in chunk]
+            names = [q["query"] for q in chunk]
             write_heatmaps(artifact_dir / HEATMAP_DIR, names, inputs["images"], allocations, grids)
