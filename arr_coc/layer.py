@@ -66,7 +66,9 @@ class ARRCOCLayer(nn.Module):
         self.perspectival = PerspectivalScorer(hidden=half)
         self.participatory = ParticipatoryScorer(vision_dim, query_dim, config.coupling_dim, hidden=half)
         self.balancer = TensionBalancer(query_dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(2.0)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed's engine broadcasts parameters as byte views,
+        # which a 0-dim tensor cannot give (deepspeed.initialize fails on it).
+        self.log_scale = nn.Parameter(torch.tensor([math.log(2.0)]))
         self.threshold = nn.Linear(query_dim, 1)
         nn.init.zeros_(self.threshold.weight)
         nn.init.zeros_(self.threshold.bias)
