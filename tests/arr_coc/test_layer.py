@@ -167,3 +167,51 @@ def bad_call(argument: str):
 def test_bad_arguments_raise_value_error_naming_them(case, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         make_layer()(*bad_call(case))
+
+
+def toy_scene(generator: torch.Generator, colour_queries: torch.Tensor, encoder: torch.Tensor):
+    """Grey 8x8-cell scene with four 2x2-cell squares of distinct colours; the question names one.
+
+    The "vision encoder" is a fixed linear map of the cell colour plus noise, so only the
+    participatory scorer can tell *which* square the question is about.
+    """
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.9], [0.9, 0.9, 0.1]])
+    grid, cell = 8, 8
+    image = 0.45 + 0.05 * torch.rand(3, grid * cell, grid * cell, generator=generator)
+    for colour in colours:
+        y, x = (cell * v for v in torch.randint(0, grid - 1, (2,), generator=generator).tolist())
+        image[:, y : y + 2 * cell, x : x + 2 * cell] = colour[:, None, None]
+    cells = torch.nn.functional.avg_pool2d(image[None], cell)[0]
+    asked = int(torch.randint(0, 4, (1,), generator=generator))
+    mask = ((cells - colours[asked][:, None, None]).abs().sum(0) < 0.2).float().flatten()
+    tokens = cells.flatten(1).T @ encoder + 0.1 * torch.randn(grid * grid, encoder.shape[1], generator=generator)
+    return image, (grid, grid), tokens, colour_queries[asked], mask
+
+
+def test_learns_to_find_the_queried_region():
+    """Stage-1 in miniature: soft IoU of sigmoid(scores) against the asked square's mask."""
+    torch.manual_seed(0)
+    layer = ARRCOCLayer(AllocatorSection(hidden=16, coupling_dim=8), vision_dim=32, query_dim=16)
+    colour_queries, encoder = torch.randn(4, 16), torch.randn(3, 32)
+
+    def soft_iou_loss(scores, mask):
+        p = torch.sigmoid(scores)
+        return 1 - (p * mask).sum() / (p + mask - p * mask).sum()
+
+    held_out = [toy_scene(torch.Generator().manual_seed(100 + i), colour_queries, encoder) for i in range(12)]
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return sum(float(soft_iou_loss(layer(*s[:4], None).scores, s[4])) for s in held_out) / len(held_out)
+
+    before = held_out_loss()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        *args, mask = toy_scene(generator, colour_queries, encoder)
+        loss = soft_iou_loss(layer(*args, 4).scores, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = held_out_loss()
+    assert after < before - 0.25, (before, after)
