@@ -20,7 +20,7 @@ from prefect.context import get_run_context
 
 from arr_coc.errors import ArrCocError, ConfigError
 from flows import tasks
-from flows.plan import artifact_complete, build_plan, curriculum_stages
+from flows.plan import StagePlan, artifact_complete, build_plan, curriculum_stages
 from flows.tracking import PARENT_FILE, end_parent_run, start_parent_run, tracking_uri
 
 StageName = Literal["stage0", "stage1", "stage2", "mine", "stage3"]
@@ -32,6 +32,29 @@ def _flow_run_id() -> str | None:
         return str(get_run_context().flow_run.id)
     except Exception:  # called outside a flow run
         return None
+
+
+def run_cached_stage(
+    stage: StagePlan, storage: Path, parent_run_id: str | None, retries: int
+) -> tuple[dict[str, Any], str]:
+    """Run one stage task (or take its cached result); returns its record and ``ran``/``cached``."""
+    runner = tasks.run_stage.with_options(
+        result_storage=storage,
+        retries=retries,
+        # A cached result is only good while its artifact is still on disk.
+        refresh_cache=not artifact_complete(stage.artifact),
+    )
+    state = runner(
+        stage.name,
+        stage.command,
+        stage.fingerprint,
+        [str(p) for p in stage.reads],
+        str(stage.artifact),
+        parent_run_id,
+        return_state=True,
+    )
+    record = state.result()  # raises the stage's error if it failed
+    return record, "cached" if state.name == "Cached" else "ran"
 
 
 @flow(name="curriculum", log_prints=True)
@@ -69,25 +92,10 @@ def curriculum(
         data_started = time.perf_counter()
         tasks.prepare_data(cfg)
         rows.append({"stage": "shard", "status": "ready", "wall_s": time.perf_counter() - data_started})
+        rows += [{"stage": name, "status": "reused", "wall_s": None} for name in plan.skipped]
         for index, stage in enumerate(plan.stages, start=1):
             logger.info("[%d/%d] %s", index, len(plan.stages), stage.name)
-            runner = tasks.run_stage.with_options(
-                result_storage=storage,
-                retries=stage_retries,
-                # A cached result is only good while its artifact is still on disk.
-                refresh_cache=not artifact_complete(stage.artifact),
-            )
-            state = runner(
-                stage.name,
-                stage.command,
-                stage.fingerprint,
-                [str(p) for p in stage.reads],
-                str(stage.artifact),
-                parent,
-                return_state=True,
-            )
-            record = state.result()  # raises the stage's error if it failed
-            status = "cached" if state.name == "Cached" else "ran"
+            record, status = run_cached_stage(stage, storage, parent, stage_retries)
             logger.info("%s: %s", stage.name, status)
             artifacts[stage.name] = record["artifact"]
             rows.append({"stage": stage.name, "status": status, "wall_s": record["wall_s"]})
