@@ -7,6 +7,9 @@
 * ``shard_hf_dataset(dataset, out_dir, split="train", image_column="image",
   question_column="question", answers_column="answers", ...)``: any ``datasets.Dataset``
   (or one from ``load_from_disk``) with image / question / answers columns -> VQAv2 samples.
+  The image may be an ``Image`` feature, bytes, a path or a PIL image; answers a list of
+  strings, of ``{"answer": ...}`` or one string; other JSON-able columns (``question_id``,
+  ``image_id``, ``hard``, ...) are copied into the sample's json (ids default to the row).
 * ``inspect(out_dir) -> dict``: re-hashes and re-reads every shard of the manifest.
 * ``shard_urls(out_dir, split) -> list[str]``: the shard paths of a split, for the loader.
 
@@ -335,9 +338,21 @@ def _hf_row(row: int) -> tuple[bytes, dict]:
     if not isinstance(question, str) or not question.strip():
         raise _Skip("empty question")
     answers = _answer_strings(item[answers_col])
-    meta = {"question_id": item.get("question_id", row), "image_id": item.get("image_id", row),
-            "question": question.strip(), "answers": answers, "answer": majority_answer(answers)}
+    meta = {"question": question.strip(), "answers": answers, "answer": majority_answer(answers)}
+    for column, value in item.items():  # other columns ride along (question_id, image_id, hard, ...)
+        if column not in (image_col, question_col, answers_col) and column not in meta and _jsonable(value):
+            meta[column] = value
+    meta.setdefault("question_id", row)
+    meta.setdefault("image_id", row)
     return _image_bytes(item[image_col]), meta
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _answer_strings(value) -> list[str]:

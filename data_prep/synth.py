@@ -272,7 +272,7 @@ def _alternative(rng: random.Random, answer: str, kind: str) -> str:
     if synonyms and rng.random() < 0.7:
         return rng.choice(synonyms)
     if kind == "count":
-        return str(max(0, int(answer) + rng.choice((-1, 1))))
+        return str(min(9, max(0, int(answer) + rng.choice((-1, 1)))))  # single digits: in the vocabulary
     if kind == "exists":
         return "no" if answer == "yes" else "yes"
     if kind == "where":
