@@ -51,7 +51,7 @@ class ModelSection(_Section):
     """Greedy decoding length for generated answers."""
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelSection":
+    def _check(self) -> ModelSection:
         if self.image_size < 32:
             raise ValueError("image_size must be >= 32")
         return self
@@ -111,7 +111,7 @@ class DataSection(_Section):
     """Sharding fails when more than this share of records is skipped."""
 
     @model_validator(mode="after")
-    def _check(self) -> "DataSection":
+    def _check(self) -> DataSection:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.images < 2:
@@ -175,7 +175,7 @@ class StageSection(_Section):
     """Hardest share of the pool kept by mining."""
 
     @model_validator(mode="after")
-    def _check(self) -> "StageSection":
+    def _check(self) -> StageSection:
         for key in ("max_steps", "checkpoint_every", "budget", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -214,7 +214,7 @@ class LauncherSection(_Section):
     """Rendezvous port."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LauncherSection":
+    def _check(self) -> LauncherSection:
         if self.kind == "hostfile" and not self.hostfile:
             raise ValueError("hostfile is required when kind is hostfile")
         if self.num_gpus < 1:
