@@ -8,12 +8,14 @@ one ``ConfigError`` line before any job is started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from arr_coc.config import STAGE_NAMES, RunConfig, load_config
 from arr_coc.errors import ConfigError
@@ -21,9 +23,11 @@ from flows.caching import stage_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The artifact each stage starts from (``--init-from``).
-INIT_FROM = {"stage1": "stage0", "stage2": "stage1", "mine": "stage2", "stage3": "stage2"}
-# Further artifacts a stage reads (stage 3 trains on the mined hard set).
-READS = {"stage3": ["mine"]}
+# Same chain as ``stages.common.UPSTREAM``: stage 3 starts from the mining artifact (hard set),
+# which leads back to the stage-2 weights through its lineage.
+INIT_FROM = {"stage1": "stage0", "stage2": "stage1", "mine": "stage2", "stage3": "mine"}
+# Further artifacts a stage reads (stage 3 loads the stage-2 weights).
+READS = {"stage3": ["stage2"]}
 # A stage's artifact is complete once the runner has written its metrics.
 ARTIFACT_MARKER = "metrics.json"
 DATA_PATH_KEYS = ("coco_annotations", "coco_images", "vqa_questions", "vqa_annotations", "vqa_images")
@@ -175,16 +179,30 @@ def build_plan(
     return CurriculumPlan(cfg, config_path, overrides, stages, skipped)
 
 
-def resolved_deepspeed(plan: CurriculumPlan) -> dict[str, dict[str, Any]]:
-    from stages.engine import resolve_deepspeed_config
+def targets_gpus(cfg: RunConfig) -> bool:
+    """``deepspeed`` and ``hostfile`` launchers start jobs on GPU nodes."""
+    return cfg.launcher.kind != "inprocess"
 
-    return {stage.name: resolve_deepspeed_config(plan.cfg, stage.name) for stage in plan.stages}
+
+def resolved_deepspeed(plan: CurriculumPlan) -> dict[str, dict[str, Any]]:
+    """Each stage's DeepSpeed config as its job will resolve it.
+
+    The engine picks bf16, the optimizer and offload targets from ``cuda_available()`` at
+    run time; for a GPU launcher the dry run (often on a CPU-only CI box or head node)
+    resolves it as the GPU nodes will, so the printed config is the one that will run.
+    """
+    from stages import engine
+
+    hardware = mock.patch.object(engine, "cuda_available", return_value=True)
+    with hardware if targets_gpus(plan.cfg) else contextlib.nullcontext():
+        return {stage.name: engine.resolve_deepspeed_config(plan.cfg, stage.name) for stage in plan.stages}
 
 
 def dry_run_text(plan: CurriculumPlan) -> str:
     """What ``--dry-run`` prints: per stage, its command line and resolved DeepSpeed config."""
     deepspeed = resolved_deepspeed(plan)
-    lines = [f"run directory: {plan.run_dir}", f"config: {plan.config_path}"]
+    device = "CUDA (GPU launcher)" if targets_gpus(plan.cfg) else "this machine"
+    lines = [f"run directory: {plan.run_dir}", f"config: {plan.config_path}", f"resolved for: {device}"]
     if plan.skipped:
         lines.append(f"reused artifacts of: {', '.join(plan.skipped)}")
     for stage in plan.stages:

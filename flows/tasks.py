@@ -23,7 +23,7 @@ from arr_coc.errors import ArrCocError
 from flows.caching import combine, hash_tree
 from flows.jobs import StageJobError, run_stage_job
 from flows.plan import ARTIFACT_MARKER, artifact_complete
-from flows.tracking import PARENT_ENV
+from stages.tracking import PARENT_ENV
 
 RESULTS_DIR = ".prefect/results"
 

@@ -9,24 +9,15 @@ under it through ``ARR_COC_MLFLOW_PARENT_RUN_ID``. The flow talks to MLflow thro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 from arr_coc.config import RunConfig
 
-PARENT_ENV = "ARR_COC_MLFLOW_PARENT_RUN_ID"
+# The stage jobs' rule (config, then MLFLOW_TRACKING_URI, then sqlite in the run): one store for both.
+from stages.tracking import flatten, tracking_uri
+
 PARENT_FILE = "curriculum_run.json"
 MODEL_ARTIFACT_PATH = "model"
-
-
-def tracking_uri(cfg: RunConfig) -> str:
-    """Same rule as the stage jobs: config, then ``MLFLOW_TRACKING_URI``, then a sqlite store in the run."""
-    if cfg.mlflow.tracking_uri:
-        return cfg.mlflow.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(cfg.run_dir / 'mlflow.db').resolve()}"
 
 
 def _client(cfg: RunConfig):
@@ -45,17 +36,6 @@ def experiment_id(cfg: RunConfig) -> str:
     if tracking_uri(cfg).startswith("sqlite:"):
         location = (cfg.run_dir / "mlartifacts").resolve().as_uri()
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
-    return flat
 
 
 def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
@@ -79,7 +59,7 @@ def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
         tags["prefect.flow_run_id"] = flow_run_id
     run = client.create_run(experiment_id(cfg), tags=tags)
     run_id = run.info.run_id
-    params = [Param(k, v[:6000]) for k, v in sorted(_flatten(cfg.to_dict()).items())]
+    params = [Param(k, v[:6000]) for k, v in sorted(flatten(cfg.to_dict()).items())]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
     record.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri(cfg)}))
