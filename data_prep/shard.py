@@ -406,7 +406,8 @@ def _verified_shards(out: Path, kind: str, split: str, plan: str, names: list[st
         return {}
     kept = {}
     for entry in section["shards"]:
-        if entry["name"] in names and _sha256(out / entry["name"]) == entry["sha256"]:
+        shard = out / entry["name"]
+        if entry["name"] in names and shard.is_file() and _sha256(shard) == entry["sha256"]:
             kept[entry["name"]] = {**entry, "skipped": entry.get("skipped", [])}
     return kept
 
