@@ -126,5 +126,6 @@ def iter_samples(shard_dir: Path, split: str) -> Iterator[dict[str, Any]]:
             yield {
                 "__key__": raw["__key__"],
                 "image": Image.open(io.BytesIO(raw[image_key])).convert("RGB"),
+                "image_bytes": raw[image_key],  # as stored: mining re-shards them unchanged
                 "json": json.loads(raw["json"]),
             }
