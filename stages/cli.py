@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from arr_coc.config import STAGE_NAMES
 
@@ -59,5 +60,6 @@ def run(args: argparse.Namespace) -> int:
     from stages.runner import run_stage
 
     artifact = run_stage(args.name, cfg, init_from=args.init_from, resume=args.resume)
-    print(artifact)
+    if os.environ.get("RANK", "0") == "0":
+        print(artifact)
     return 0

@@ -445,5 +445,8 @@ class _Run:
 
 def run_stage(name: str, cfg: RunConfig, init_from: Path | str | None = None, resume: bool = True) -> Path:
     """Run one stage to the end (resuming from its newest committed checkpoint); returns ``artifact/``."""
+    cfg.stage(name)  # unknown stage names fail before any process group exists
+    if init_from is not None and not Path(init_from).is_dir():
+        raise ConfigError(f"--init-from {init_from}: no such artifact directory")
     run = _Run(name, cfg, Path(init_from) if init_from is not None else None, resume)
     return run.run()

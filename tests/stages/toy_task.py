@@ -12,8 +12,10 @@ under every stage name and runs ``stages.launch.main`` (also under ``deepspeed``
 
 from __future__ import annotations
 
+import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,8 @@ class ToyTask(StageTask):
 
     def training_step(self, model, batch):
         x, y = batch
+        # Slows steps so a test can SIGKILL the process between two checkpoints.
+        time.sleep(float(os.environ.get("TOY_STEP_SLEEP", "0")))
         jitter = 1.0 + 0.01 * random.random() + 0.01 * float(np.random.rand())
         loss = ((model(x) - y) ** 2).mean() * jitter
         return loss, {"tokens_kept": float(x.shape[0])}
@@ -97,6 +101,21 @@ class ToyTaskWithUpstream(ToyTask):
         return True
 
 
+class ToyScoringTask(ToyTask):
+    """A task without training (like mining): evaluate and export only."""
+
+    trains = False
+
+    def train_loader(self):
+        raise AssertionError("the runner must not ask a non-training task for training data")
+
+    def training_step(self, model, batch):
+        raise AssertionError("the runner must not train a non-training task")
+
+
+TOY_TASKS = {"stage2": ToyTaskWithUpstream, "mine": ToyScoringTask}
+
+
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     from arr_coc.config import STAGE_NAMES
@@ -104,7 +123,7 @@ def main(argv: list[str]) -> int:
     from stages.tasks import TASKS
 
     for name in STAGE_NAMES:
-        TASKS.register(name, ToyTaskWithUpstream if name == "stage2" else ToyTask)
+        TASKS.register(name, TOY_TASKS.get(name, ToyTask))
     return launch_main(argv)
 
 
