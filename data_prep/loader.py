@@ -32,6 +32,7 @@ a truncated shard raises ``DataError`` naming it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -204,12 +205,13 @@ class _WorkerStreams:
         meta = tario.decode_json(raw)
         if self.expand is None:
             return [{"raw": raw, "json": meta, "key": raw["__key__"], "extra": {}}]
-        return [{"raw": raw, "json": meta, "key": f"{raw['__key__']}#{i}", "extra": extra}
+        # Each expanded item gets its own json copy: a transform may edit one without touching its siblings.
+        return [{"raw": raw, "json": copy.deepcopy(meta) if i else meta, "key": f"{raw['__key__']}#{i}", "extra": extra}
                 for i, extra in enumerate(self.expand(meta))]
 
     def _decode(self, item: dict) -> dict:
-        sample = tario.decode_sample(item["raw"])
-        sample["__key__"] = item["key"]
+        raw = item["raw"]
+        sample = {"__key__": item["key"], "image": tario.decode_sample_image(raw), "json": item["json"]}
         sample.update(item["extra"])
         return self.transform(sample) if self.transform is not None else sample
 

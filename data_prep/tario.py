@@ -4,7 +4,8 @@
   sample is ``{"__key__", "__url__", "jpg"|"png": bytes, "json": bytes}``. A truncated or
   corrupt tar raises ``DataError`` naming the shard.
 * ``decode_image(data) -> PIL RGB``: CMYK, grayscale, palette and 16-bit images are converted.
-* ``decode_sample(raw) -> {"__key__", "image": PIL RGB, "json": dict}``.
+* ``decode_sample(raw) -> {"__key__", "image": PIL RGB, "json": dict}``
+  (``decode_sample_image(raw)`` for the image alone).
 """
 
 from __future__ import annotations
@@ -63,10 +64,14 @@ def decode_json(raw: dict) -> dict:
         raise DataError(f"{raw.get('__url__', '?')}: sample {raw.get('__key__')!r} has no valid json ({err})") from None
 
 
+def decode_sample_image(raw: dict) -> Image.Image:
+    """The image of a raw shard sample as PIL RGB; errors name the shard and sample."""
+    try:
+        return decode_image(raw[image_key(raw)])
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{raw.get('__url__', '?')}: sample {raw['__key__']!r}: undecodable image ({err})") from None
+
+
 def decode_sample(raw: dict) -> dict:
     """A raw shard sample -> ``{"__key__", "image": PIL RGB, "json": dict}``."""
-    try:
-        image = decode_image(raw[image_key(raw)])
-    except (OSError, SyntaxError) as err:
-        raise DataError(f"{raw.get('__url__', '?')}: sample {raw['__key__']!r}: undecodable image ({err})") from None
-    return {"__key__": raw["__key__"], "image": image, "json": decode_json(raw)}
+    return {"__key__": raw["__key__"], "image": decode_sample_image(raw), "json": decode_json(raw)}
