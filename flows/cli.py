@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 
 import yaml
@@ -73,6 +74,9 @@ def _curriculum(args: argparse.Namespace) -> int:
         return 0
     if args.retries < 0:
         raise ConfigError("--retries: must be >= 0")
+    # Without PREFECT_API_URL Prefect starts an embedded server; on a busy laptop or CI box
+    # it needs longer than Prefect's 20 s default to come up.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.curriculum import curriculum
 
     result = curriculum(

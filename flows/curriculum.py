@@ -87,18 +87,30 @@ def curriculum(
     )
     ok = False
     rows: list[dict[str, Any]] = []
+
+    def budget(name: str) -> int | None:
+        """Tokens kept per sample (K); stage 0 warms the base up on all tokens."""
+        return None if name == "stage0" else cfg.stage(name).budget
+
     artifacts = {name: str(cfg.run_dir / name / "artifact") for name in plan.skipped}
     try:
         data_started = time.perf_counter()
         tasks.prepare_data(cfg)
         rows.append({"stage": "shard", "status": "ready", "wall_s": time.perf_counter() - data_started})
-        rows += [{"stage": name, "status": "reused", "wall_s": None} for name in plan.skipped]
+        rows += [{"stage": n, "status": "reused", "wall_s": None, "budget": budget(n)} for n in plan.skipped]
         for index, stage in enumerate(plan.stages, start=1):
             logger.info("[%d/%d] %s", index, len(plan.stages), stage.name)
             record, status = run_cached_stage(stage, storage, parent, stage_retries)
             logger.info("%s: %s", stage.name, status)
             artifacts[stage.name] = record["artifact"]
-            rows.append({"stage": stage.name, "status": status, "wall_s": record["wall_s"]})
+            rows.append(
+                {
+                    "stage": stage.name,
+                    "status": status,
+                    "wall_s": record["wall_s"],
+                    "budget": budget(stage.name),
+                }
+            )
         metrics = tasks.evaluate(artifacts)
         for row in rows:
             row["metrics"] = metrics.get(row["stage"], {})

@@ -17,7 +17,7 @@ COLUMNS = {
     "tokens kept": ("tokens_kept", "kept"),
     "IoU": ("val/iou", "val_iou", "eval/iou", "iou"),
     "accuracy": ("val/acc", "val_acc", "eval/acc", "accuracy", "acc"),
-    "loss": ("val/loss", "val_loss", "eval/loss", "loss"),
+    "train loss": ("train_loss", "loss"),
 }
 
 
@@ -33,6 +33,7 @@ def pick(metrics: dict[str, Any], keywords: tuple[str, ...]) -> float | None:
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
+    value = float(value)
     return f"{value:.0f}" if value.is_integer() and abs(value) >= 10 else f"{value:.4g}"
 
 
@@ -42,6 +43,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         metrics = row.get("metrics", {})
         entry = {"stage": row["stage"], "status": row["status"], "wall s": row.get("wall_s")}
         entry.update({column: pick(metrics, keys) for column, keys in COLUMNS.items()})
+        if entry["tokens kept"] is None:  # a fixed budget: K from the stage config
+            entry["tokens kept"] = row.get("budget")
         table.append(entry)
     return table
 

@@ -18,12 +18,16 @@ def test_write_report_table_and_heatmaps(tmp_path):
     rows = [
         {"stage": "shard", "status": "ready", "wall_s": 1.5, "metrics": {}},
         {"stage": "stage1", "status": "ran", "wall_s": 12.25, "metrics": {"val/iou": 0.5, "tokens_kept": 16}},
+        {"stage": "stage2", "status": "cached", "wall_s": 3, "budget": 32, "metrics": {"vqa_accuracy": 0.25}},
     ]
     out = write_report(tmp_path / "report", rows, {"stage1": str(art)})
     lines = out["table"].splitlines()
     assert lines[0].split("|")[1].strip() == "stage"
     stage1 = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert stage1 == ["stage1", "ran", "12.25", "16", "0.5", "-", "-"]
+    assert lines[2].split("|")[4].strip() == "-"
+    stage2 = [c.strip() for c in lines[4].split("|")[1:-1]]
+    assert stage2 == ["stage2", "cached", "3", "32", "-", "0.25", "-"]
     assert out["heatmaps"] == {"stage1": [str(art / "heatmaps" / "0.png")]}
     saved = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert saved["table"][1]["IoU"] == 0.5
