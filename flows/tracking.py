@@ -41,6 +41,7 @@ def experiment_id(cfg: RunConfig) -> str:
 def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
     """Start (or re-open) the curriculum's parent run; returns its id."""
     from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     client = _client(cfg)
@@ -49,7 +50,7 @@ def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
         run_id = json.loads(record.read_text())["mlflow_run_id"]
         try:
             client.get_run(run_id)
-        except Exception:  # a deleted store: start a new parent run
+        except MlflowException:  # a new or wiped store: start a new parent run
             run_id = None
         if run_id:
             client.update_run(run_id, status="RUNNING")
@@ -62,7 +63,7 @@ def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
     params = [Param(k, v[:6000]) for k, v in sorted(flatten(cfg.to_dict()).items())]
     for start in range(0, len(params), 100):
         client.log_batch(run_id, params=params[start : start + 100])
-    record.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri(cfg)}))
+    record.write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri(cfg)}, indent=2))
     return run_id
 
 
@@ -83,17 +84,38 @@ def log_summary(cfg: RunConfig, run_id: str, metrics: dict[str, float], files: l
         client.log_artifact(run_id, str(file), artifact_path="report")
 
 
+def _record(cfg: RunConfig) -> dict:
+    path = cfg.run_dir / PARENT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def register(cfg: RunConfig, run_id: str, model_dirs: dict[str, Path]) -> dict[str, str]:
-    """Log the final allocator and adapters under ``model/`` and register them as a model version."""
+    """Log the final allocator and adapters under ``model/`` and register them as a model version.
+
+    Re-triggering a finished run registers nothing new: the version registered for the
+    same weights (content hash) is returned.
+    """
+    from flows.caching import combine, hash_tree
+
+    weights = combine(*(f"{name}={hash_tree(path)}" for name, path in sorted(model_dirs.items())))
+    record = _record(cfg)
+    previous = record.get("registered")
+    if previous and previous.get("weights") == weights and previous.get("run_id") == run_id:
+        return {k: previous[k] for k in ("name", "version", "source")}
+    from mlflow.exceptions import MlflowException
+
     client = _client(cfg)
     for name, path in model_dirs.items():
         client.log_artifacts(run_id, str(path), artifact_path=f"{MODEL_ARTIFACT_PATH}/{name}")
     registered = cfg.mlflow.registered_model
     try:
         client.get_registered_model(registered)
-    except Exception:
+    except MlflowException:
         client.create_registered_model(registered, description="ARR-COC allocator + LoRA adapters")
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_ARTIFACT_PATH}"
     version = client.create_model_version(registered, source=source, run_id=run_id)
     client.set_tag(run_id, "arr_coc.registered_version", version.version)
-    return {"name": registered, "version": str(version.version), "source": source}
+    result = {"name": registered, "version": str(version.version), "source": source}
+    record["registered"] = {**result, "weights": weights, "run_id": run_id}
+    (cfg.run_dir / PARENT_FILE).write_text(json.dumps(record, indent=2))
+    return result
