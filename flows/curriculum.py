@@ -114,11 +114,11 @@ def curriculum(
         metrics = tasks.evaluate(artifacts)
         for row in rows:
             row["metrics"] = metrics.get(row["stage"], {})
-        summary = tasks.report(cfg, rows, artifacts)
+        summary = tasks.report(cfg, rows, artifacts, parent)
         registered = None
         last = curriculum_stages(cfg)[-1]
         if plan.stages and plan.stages[-1].name == last:
-            registered = tasks.register_model(cfg, parent, artifacts[last], summary["files"])
+            registered = tasks.register_model(cfg, parent, artifacts[last])
         else:
             logger.info("stopped after %s: no model version registered", plan.stages[-1].name)
         ok = True

@@ -104,17 +104,29 @@ def evaluate(artifacts: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 
 @task(name="report", task_run_name="report", cache_policy=NO_CACHE)
-def report(cfg: RunConfig, rows: list[dict[str, Any]], artifacts: dict[str, str]) -> dict[str, Any]:
-    """Write ``<run>/report/summary.{md,json}`` and list the heatmaps."""
+def report(
+    cfg: RunConfig, rows: list[dict[str, Any]], artifacts: dict[str, str], parent_run_id: str
+) -> dict[str, Any]:
+    """Write ``<run>/report/summary.{md,json}``, list the heatmaps, and put the final metrics
+    (``<stage>/<metric>``) and the report files on the MLflow parent run."""
     from flows.report import write_report
+    from flows.tracking import log_summary
 
-    return write_report(cfg.run_dir / "report", rows, artifacts)
+    summary = write_report(cfg.run_dir / "report", rows, artifacts)
+    final = {
+        f"{row['stage']}/{key}": value
+        for row in rows
+        for key, value in row.get("metrics", {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    log_summary(cfg, parent_run_id, final, [Path(p) for p in summary["files"]])
+    return summary
 
 
 @task(name="register", task_run_name="register", cache_policy=NO_CACHE)
-def register_model(cfg: RunConfig, parent_run_id: str, final_artifact: str, report_files: list[str]) -> dict:
+def register_model(cfg: RunConfig, parent_run_id: str, final_artifact: str) -> dict:
     """Log the final allocator + adapters to the parent run and register a model version."""
-    from flows.tracking import log_summary, register
+    from flows.tracking import register
 
     model_dirs = {"final": Path(final_artifact)}
     lineage = Path(final_artifact) / "lineage.json"
@@ -122,7 +134,6 @@ def register_model(cfg: RunConfig, parent_run_id: str, final_artifact: str, repo
         base = json.loads(lineage.read_text()).get("base")
         if base and Path(base).is_dir():
             model_dirs["base"] = Path(base)
-    log_summary(cfg, parent_run_id, {}, [Path(p) for p in report_files])
     registered = register(cfg, parent_run_id, model_dirs)
     get_run_logger().info("registered %s version %s", registered["name"], registered["version"])
     return registered

@@ -9,6 +9,8 @@ under it through ``ARR_COC_MLFLOW_PARENT_RUN_ID``. The flow talks to MLflow thro
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 
 from arr_coc.config import RunConfig
@@ -76,8 +78,8 @@ def log_summary(cfg: RunConfig, run_id: str, metrics: dict[str, float], files: l
     from mlflow.entities import Metric
 
     client = _client(cfg)
-    now = 0
-    batch = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items()) if math.isfinite(float(v))]
     for start in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[start : start + 500])
     for file in files:
