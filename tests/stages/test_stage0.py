@@ -1,0 +1,62 @@
+"""Stage 0: the tiny base warm-up (real runner, DeepSpeed engine on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from curriculum_run import artifact, fresh_task
+
+from arr_coc.config import load_config
+from arr_coc.errors import ConfigError
+from arr_coc.qwen import ARRCOCQwen
+from arr_coc.tiny import load_vlm
+from stages.base import StageContext
+from stages.common import read_lineage
+from stages.data import read_samples
+from stages.evaluate import vqa_accuracy
+from stages.stage0 import Stage0Task
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.getbasetemp() / "curriculum"
+
+
+def test_production_config_refuses_stage0(tmp_path):
+    cfg = load_config(None, [f"run.root={tmp_path}", "model.source=/models/Qwen3-VL-2B-Instruct"])
+    ctx = StageContext(cfg=cfg, name="stage0", stage=cfg.stage("stage0"), run_dir=cfg.run_dir,
+                       stage_dir=cfg.run_dir / "stage0", init_from=None)
+    with pytest.raises(ConfigError, match="stages.stage0"):
+        Stage0Task(ctx)
+    assert not (cfg.run_dir / "data").exists()  # refused before generating any data
+
+
+@pytest.mark.integration
+def test_stage0_base_learns_to_answer_and_exports_safetensors(root):
+    art = artifact(root, "stage0")
+    metrics = json.loads((art / "metrics.json").read_text())
+    base = art / "base"
+    assert list(base.glob("*.safetensors"))
+    assert not list(base.glob("*.bin")) and not list(base.glob("*.pt"))
+    assert read_lineage(art)["base"] == str(base.resolve())
+
+    # Held-out accuracy of the exported base vs the same tiny model before training.
+    task = fresh_task(root, "stage0")
+    torch.manual_seed(0)
+    untrained = task.evaluate(task.build_model())["vqa_accuracy_all_tokens"]
+    assert metrics["vqa_accuracy_all_tokens"] > untrained + 0.2, (metrics, untrained)
+
+    # The exported base reloads (safetensors) and scores what it was exported with.
+    hf_model, processor = load_vlm(task.ctx.cfg.model, base_dir=base)
+    reloaded = ARRCOCQwen(hf_model, task.ctx.cfg.allocator)
+    samples = read_samples(task.paths.vqav2, "val", task.ctx.stage.eval_samples)
+    accuracy = vqa_accuracy(reloaded, processor, samples, budget=None, batch_size=8, max_new_tokens=4,
+                            device=torch.device("cpu"))
+    assert accuracy == pytest.approx(metrics["vqa_accuracy_all_tokens"])
+
+    log = [json.loads(line) for line in (art.parent / "train_log.jsonl").read_text().splitlines()]
+    first, last = log[:10], log[-10:]
+    assert sum(e["loss"] for e in last) < 0.7 * sum(e["loss"] for e in first)
+    assert all(e["tokens_kept"] == 64 for e in log)  # every image token: no allocator in stage 0
