@@ -259,10 +259,13 @@ class ARRCOCQwen(nn.Module):
                             attention_mask=packed.attention_mask, per_sample_loss=per_sample,
                             input_ids=packed.input_ids, position_ids=packed.position_ids, labels=packed.labels)
 
-    @torch.no_grad()
     def score_tokens(self, input_ids, attention_mask, pixel_values, image_grid_thw, images, budget: Budget,
                      **_unused) -> list:
-        """Vision encoder + allocator only (no language model): one ``Allocation`` per sample."""
+        """Vision encoder + allocator only (no language model): one ``Allocation`` per sample.
+
+        Differentiable in the allocator (stage 1 trains on these scores); the frozen vision encoder
+        runs without a graph. Wrap in ``torch.no_grad()`` for inference.
+        """
         vision_embeds, _ = self._vision(pixel_values, image_grid_thw)
         budgets = self._budgets(budget, [e.shape[0] for e in vision_embeds])
         if any(k is None for k in budgets):

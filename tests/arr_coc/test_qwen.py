@@ -181,6 +181,10 @@ def test_score_tokens_agrees_with_forward(setup):
     for a, b, n in zip(scored, out.allocations, _merged_counts(batch)):
         assert a.scores.shape == (n,)
         assert torch.equal(a.indices, b.indices)
+    # stage 1 trains the allocator on these scores: they carry a graph to its parameters
+    scored[0].scores.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.allocator.parameters())
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("grad_mode", ["straight_through", "frozen"])
@@ -200,3 +204,27 @@ def test_gradient_reaches_allocator_only_when_straight_through(grad_mode):
     grads = [p.grad for p in model.allocator.participatory.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in vlm.parameters())
+
+
+def test_lora_on_the_language_model_trains_through_the_wrapper():
+    """Stage 2 wraps ``model.vlm`` in peft; the wrapper must still run the (adapted) layers."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = build_tiny_tokenizer()
+    processor = VLProcessor(tokenizer, build_image_processor("qwen3_vl", 128))
+    vlm = build_tiny_model("qwen3_vl", seed=0, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    model = ARRCOCQwen(vlm, AllocatorSection(grad_mode="frozen"), processor=processor)
+    batch = processor(IMAGES, QUESTIONS, ["red", "yes"])
+    with torch.no_grad():
+        before = model(**batch, budget=6).logits
+    model.vlm = get_peft_model(model.vlm, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    lora = [p for n, p in model.vlm.named_parameters() if "lora_B" in n]
+    assert lora
+    with torch.no_grad():
+        for p in lora:
+            p.fill_(0.01)  # LoRA B starts at zero; make the adapters change the output
+    out = model(**batch, budget=6)
+    assert (out.logits - before).abs().max() > 1e-4
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
