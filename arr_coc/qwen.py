@@ -21,6 +21,7 @@ With ``budget=None`` nothing is dropped and no allocator runs: the logits equal 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -116,27 +117,34 @@ class ARRCOCQwen(nn.Module):
         stops = self._eos_ids()
         queries = []
         for row in range(input_ids.shape[0]):
-            ids = input_ids[row][attention_mask[row].bool()].tolist()
+            slots = attention_mask[row].nonzero().squeeze(1)  # works for left or right padding
+            ids = input_ids[row, slots].tolist()
             if self.vision_end_token_id not in ids:
                 raise ValueError(f"input_ids: sample {row} has no <|vision_end|> token")
             start = ids.index(self.vision_end_token_id) + 1
             end = next((j for j in range(start, len(ids)) if ids[j] in stops), len(ids))
             if end <= start:
                 raise ValueError(f"question: sample {row} has no question tokens")
-            queries.append(embeds[row, start:end].mean(0))
+            queries.append(embeds[row, slots[start:end]].mean(0))
         return torch.stack(queries)
 
     def _budgets(self, budget: Budget, counts: list[int]) -> list[int | None]:
         """Per-sample K (``None``: keep all); ``ValueError`` naming ``budget`` when out of [1, N]."""
         if budget is None:
             return [None] * len(counts)
-        budgets = [budget] * len(counts) if isinstance(budget, int) else list(budget)
+        budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * len(counts)
         if len(budgets) != len(counts):
             raise ValueError(f"budget: {len(budgets)} values for a batch of {len(counts)}")
+        checked = []
         for index, (k, n) in enumerate(zip(budgets, counts)):
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            try:
+                value = None if isinstance(k, bool) else operator.index(k)  # ints, numpy/torch integers
+            except TypeError:
+                value = None
+            if value is None or not 1 <= value <= n:
                 raise ValueError(f"budget: K={k!r} for sample {index} must be an int in [1, N={n}]")
-        return budgets
+            checked.append(value)
+        return checked
 
     def _allocate(self, images, image_grid_thw, vision_embeds, queries, budgets):
         """Run the allocator per image; ``None`` entries keep every token."""

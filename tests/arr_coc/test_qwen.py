@@ -228,3 +228,28 @@ def test_lora_on_the_language_model_trains_through_the_wrapper():
     assert (out.logits - before).abs().max() > 1e-4
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def _left_padded(batch):
+    """The same batch with padding moved to the left (as HF processors do for generation)."""
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "labels"):
+        rows = []
+        for row in range(batch[key].shape[0]):
+            pad = int((batch["attention_mask"][row] == 0).sum())
+            rows.append(torch.roll(batch[key][row], pad))
+        out[key] = torch.stack(rows)
+    return out
+
+
+def test_left_padded_input_gives_the_same_result(setup):
+    _, model, _, batch = setup
+    left = _left_padded(batch)
+    assert left["attention_mask"][:, 0].tolist() != batch["attention_mask"][:, 0].tolist()
+    with torch.no_grad():
+        right_out = model(**batch, budget=[7, 5])
+        left_out = model(**left, budget=[7, 5])
+    assert torch.equal(right_out.input_ids, left_out.input_ids)  # the wrapper re-pads on the right
+    valid = right_out.attention_mask.bool()
+    assert (right_out.logits[valid] - left_out.logits[valid]).abs().max().item() < 1e-5
+    assert abs(right_out.loss.item() - left_out.loss.item()) < 1e-5
