@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vision-layers", type=int, default=1, help="vision blocks run once (features only)")
     parser.add_argument("--grid", type=int, default=32, help="merged grid side: N = grid² tokens")
     parser.add_argument("--text-tokens", type=int, default=32, help="T: text tokens around the image")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (median reported)")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     parser.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
                         help="cpu: process CPU time (robust to other load on a shared machine; default on "
