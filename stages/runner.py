@@ -40,6 +40,7 @@ from arr_coc.config import RunConfig, save_config
 from arr_coc.errors import ConfigError
 from stages import checkpoint as ckpt
 from stages.base import StageContext, StageTask
+from stages.common import UPSTREAM
 from stages.engine import build_engine, device_for_rank, init_distributed, resolve_deepspeed_config
 from stages.tasks import task_class
 from stages.tracking import StageTracker
@@ -182,27 +183,24 @@ def _fail_at(name: str, step: int) -> None:
 # ----------------------------------------------------------------------------- set-up
 
 
-def _default_upstream(ctx: StageContext) -> Path | None:
-    """``<run>/<upstream stage>/artifact`` for a stage started without ``--init-from``."""
-    from stages.common import UPSTREAM
+def effective_init_from(name: str, cfg: RunConfig, init_from: Path | None) -> Path | None:
+    """``--init-from`` (must be a directory) or, failing that, the upstream stage's artifact in
+    this run directory when it exists (the rule of ``stages.common.upstream_dir``)."""
+    if init_from is not None:
+        if not Path(init_from).is_dir():
+            raise ConfigError(f"--init-from {init_from}: no such artifact directory")
+        return Path(init_from)
+    upstream = UPSTREAM.get(name)
+    default = cfg.run_dir / upstream / "artifact" if upstream else None
+    return default if default is not None and default.is_dir() else None
 
-    upstream = UPSTREAM.get(ctx.name)
-    return ctx.run_dir / upstream / "artifact" if upstream else None
 
-
-def validate_upstream(task: StageTask, ctx: StageContext) -> None:
-    """``--init-from`` must name an artifact directory; a stage that needs one gets the default."""
-    if ctx.init_from is not None:
-        if not Path(ctx.init_from).is_dir():
-            raise ConfigError(f"--init-from {ctx.init_from}: no such artifact directory")
-        return
-    if task.upstream_required():
-        default = _default_upstream(ctx)
-        if default is None or not default.is_dir():
-            raise ConfigError(
-                f"{ctx.name} needs an upstream artifact: {default} does not exist (pass --init-from DIR)"
-            )
-        ctx.init_from = default
+def check_upstream(task: StageTask, ctx: StageContext) -> None:
+    if task.upstream_required() and ctx.init_from is None:
+        default = ctx.run_dir / UPSTREAM.get(ctx.name, "<upstream>") / "artifact"
+        raise ConfigError(
+            f"{ctx.name} needs an upstream artifact: {default} does not exist (pass --init-from DIR)"
+        )
 
 
 def make_context(
@@ -214,23 +212,19 @@ def make_context(
         stage=cfg.stage(name),
         run_dir=cfg.run_dir,
         stage_dir=cfg.run_dir / name,
-        init_from=Path(init_from) if init_from is not None else None,
+        init_from=init_from,
         rank=rank,
         world_size=world_size,
         device=device_for_rank(),
     )
 
 
-def resume_point(ctx: StageContext, training: dict[str, Any], resume: bool) -> ckpt.Checkpoint | None:
-    """The committed checkpoint to continue from; ``ConfigError`` if it trained another config."""
-    root = ctx.stage_dir / "checkpoints"
-    if not resume:
-        _barrier()
-        if ctx.rank == 0 and root.exists():
-            shutil.rmtree(root)  # a fresh start: older steps must not outrank the new ones
-        _barrier()
-        return None
-    found = ckpt.latest(root)
+def resume_point(stage_dir: Path, training: dict[str, Any]) -> ckpt.Checkpoint | None:
+    """The newest committed checkpoint; ``ConfigError`` naming the keys if it trained another config.
+
+    Reads only the commit markers, so it runs before any process group or engine exists.
+    """
+    found = ckpt.latest(stage_dir / "checkpoints")
     if found is None:
         return None
     differences = config_differences(found.marker.get("training_config", {}), training)
@@ -242,19 +236,41 @@ def resume_point(ctx: StageContext, training: dict[str, Any], resume: bool) -> c
     return found
 
 
+def discard_checkpoints(ctx: StageContext) -> None:
+    """``--no-resume``: older steps must not outrank (or be pruned in favour of) the new ones."""
+    _barrier()
+    root = ctx.stage_dir / "checkpoints"
+    if ctx.rank == 0 and root.exists():
+        shutil.rmtree(root)
+    _barrier()
+
+
 # ----------------------------------------------------------------------------- the run
 
 
 class _Run:
-    """State of one stage job between set-up and export."""
+    """State of one stage job between set-up and export.
+
+    Everything that can be checked from files (stage name, upstream artifact, the
+    checkpoint's training config) is checked before the process group, the task's data
+    preparation and the engine, so a config error costs no start-up time.
+    """
 
     def __init__(self, name: str, cfg: RunConfig, init_from: Path | None, resume: bool):
+        cfg.stage(name)
+        init_from = effective_init_from(name, cfg, init_from)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.training = training_config(cfg, name, init_from, world_size)
+        self.resume_from = resume_point(cfg.run_dir / name, self.training) if resume else None
         rank, world_size = init_distributed()
+        if world_size != self.training["world_size"]:  # a launcher that does not export WORLD_SIZE
+            self.training["world_size"] = world_size
+            self.resume_from = resume_point(cfg.run_dir / name, self.training) if resume else None
         self.ctx = make_context(name, cfg, init_from, rank, world_size)
         self.task = task_class(name)(self.ctx)
-        validate_upstream(self.task, self.ctx)
-        self.training = training_config(cfg, name, self.ctx.init_from, world_size)
-        self.resume_from = resume_point(self.ctx, self.training, resume) if self.task.trains else None
+        check_upstream(self.task, self.ctx)
+        if not resume and self.task.trains:
+            discard_checkpoints(self.ctx)
         self.tracker = StageTracker(cfg, name, rank)
         self.step = 0
         self.train_seconds = 0.0
@@ -445,8 +461,5 @@ class _Run:
 
 def run_stage(name: str, cfg: RunConfig, init_from: Path | str | None = None, resume: bool = True) -> Path:
     """Run one stage to the end (resuming from its newest committed checkpoint); returns ``artifact/``."""
-    cfg.stage(name)  # unknown stage names fail before any process group exists
-    if init_from is not None and not Path(init_from).is_dir():
-        raise ConfigError(f"--init-from {init_from}: no such artifact directory")
     run = _Run(name, cfg, Path(init_from) if init_from is not None else None, resume)
     return run.run()
