@@ -9,8 +9,8 @@ with the exact Qwen chat layout::
 N is the number of *merged* vision tokens of that image (``t·h·w / merge²``), so images of
 different sizes give sequences of different lengths: the batch is right-padded and carries an
 attention mask. The prompt is tokenized segment by segment (every boundary is a special token or
-a newline), which is what lets us label the answer span exactly and gives the same ids as
-tokenizing the whole string with a real Qwen tokenizer.
+a newline), which is what lets us label the answer span exactly; Qwen's BPE pre-tokenizer never
+merges across a special token or a newline, so the ids match tokenizing the whole string.
 
 It also returns ``images``: each image as float ``[3, H, W]`` in [0, 1] at the processor's resized
 size, recovered from the very pixel patches the encoder sees, so the texture array aligns with the
