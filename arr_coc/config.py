@@ -44,7 +44,8 @@ class ModelSection(_Section):
     trust_remote_code: bool = False
     """Passed to ``from_pretrained``; off by default."""
     image_size: int = 256
-    """Images are resized so both sides are at most this many pixels (multiple of patch*merge)."""
+    """Pixel-area bound: images are resized (aspect kept, sides multiples of patch*merge) to at
+    most image_size**2 pixels, so the tiny default 256 gives an 8x8 merged grid."""
     max_question_tokens: int = 32
     """Questions longer than this (in tokens) are an error naming the record."""
     max_answer_tokens: int = 4
