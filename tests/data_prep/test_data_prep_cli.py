@@ -1,3 +1,5 @@
+"""Tests of data_prep/cli.py (named apart from tests/stages/test_cli.py: pytest needs unique basenames here)."""
+
 import json
 
 import pytest
