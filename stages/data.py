@@ -59,12 +59,13 @@ def ensure_data(cfg: RunConfig) -> DataPaths:
 
 
 def _complete(shard_dir: Path) -> bool:
-    """The manifest lists both splits (data_prep writes it after each split's shards)."""
+    """Both splits are marked complete (a split's section appears after its first shard, so
+    presence alone would take an interrupted sharding run for a finished one)."""
     path = shard_dir / MANIFEST
     if not path.is_file():
         return False
     splits = json.loads(path.read_text()).get("splits", {})
-    return all(split in splits for split in SPLITS)
+    return all(splits.get(split, {}).get("complete", False) for split in SPLITS)
 
 
 def _prepare(cfg: RunConfig, paths: DataPaths) -> None:
