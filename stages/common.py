@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,14 +95,15 @@ def require_upstream(ctx: StageContext) -> Path:
 
 
 def read_lineage(artifact_dir: Path) -> dict[str, Any]:
-    """The lineage record; a relative ``base`` is resolved against the artifact folder."""
+    """The lineage record with relative paths resolved against the artifact folder."""
     path = Path(artifact_dir) / LINEAGE
     if not path.is_file():
         raise ConfigError(f"{path}: missing (not a stage artifact?)")
     record = json.loads(path.read_text())
-    base = record.get("base")
-    if base and not Path(base).is_absolute() and (Path(artifact_dir) / base).exists():
-        record["base"] = str((Path(artifact_dir) / base).resolve())
+    for key in ("base", "init_from"):
+        value = record.get(key)
+        if value and not Path(value).is_absolute() and (Path(artifact_dir) / value).exists():
+            record[key] = str((Path(artifact_dir) / value).resolve())
     return record
 
 
@@ -118,9 +120,26 @@ def base_of(ctx: StageContext, upstream: Path | None) -> str:
     return read_lineage(upstream)["base"]
 
 
-def write_lineage(artifact_dir: Path, base: str, init_from: Path | None) -> None:
-    """``base``: a path relative to ``artifact_dir``, an absolute path, or a model name."""
-    record = {"base": base, "init_from": str(Path(init_from).resolve()) if init_from else None}
+def write_lineage(ctx: StageContext, artifact_dir: Path, base: str | Path, init_from: Path | None) -> None:
+    """``lineage.json``: the base (a path or a model name) and the upstream artifact.
+
+    Paths inside the run directory are stored relative to this stage's final
+    ``artifact/`` folder (the runner renames ``artifact_dir`` there), so a run directory
+    can be moved or copied whole; paths elsewhere are stored absolute.
+    """
+    final = (ctx.stage_dir / "artifact").resolve()
+    run_dir = ctx.run_dir.resolve()
+
+    def portable(value: str | Path | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value)
+        if isinstance(value, str) and not path.is_absolute() and not path.exists():
+            return value  # a model name such as a hub id
+        path = path.resolve()
+        return os.path.relpath(path, final) if path.is_relative_to(run_dir) else str(path)
+
+    record = {"base": portable(base), "init_from": portable(init_from)}
     (Path(artifact_dir) / LINEAGE).write_text(json.dumps(record, indent=2))
 
 

@@ -78,5 +78,4 @@ class Stage0Task(StageTask):
 
                 save_vlm(vlm, self.processor, artifact_dir / BASE_DIR)
         if common.is_writer(self.ctx):
-            # Relative: the runner renames the finished artifact folder into place.
-            common.write_lineage(artifact_dir, BASE_DIR, None)
+            common.write_lineage(self.ctx, artifact_dir, self.ctx.stage_dir / "artifact" / BASE_DIR, None)

@@ -184,7 +184,7 @@ class Stage1Task(StageTask):
         common.save_allocator(model, artifact_dir, write=common.is_writer(self.ctx))
         self.export_heatmaps(model, artifact_dir)
         if common.is_writer(self.ctx):
-            common.write_lineage(artifact_dir, self.base, self.upstream)
+            common.write_lineage(self.ctx, artifact_dir, self.base, self.upstream)
 
     @torch.no_grad()
     def export_heatmaps(self, model, artifact_dir: Path) -> None:

@@ -157,7 +157,7 @@ class VQATask(StageTask):
         save_lora(model, artifact_dir, write=write)
         self.export_heatmaps(model, artifact_dir)
         if write:
-            common.write_lineage(artifact_dir, self.base, self.upstream)
+            common.write_lineage(self.ctx, artifact_dir, self.base, self.upstream)
 
     @torch.no_grad()
     def export_heatmaps(self, model, artifact_dir: Path) -> None:
