@@ -51,17 +51,6 @@ def coverage_mask(record: dict[str, Any], category: str, grid_hw: tuple[int, int
     return torch.as_tensor(mask, dtype=torch.float32).flatten()
 
 
-def score_with_grad(model: nn.Module, inputs: dict[str, Any], budget) -> list:
-    """Allocations with a graph through the allocator's scores.
-
-    ``ARRCOCQwen.score_tokens`` is decorated ``no_grad`` for inference; training calls the
-    undecorated function (the frozen vision encoder still runs without a graph inside it).
-    """
-    score = type(model).score_tokens
-    score = getattr(score, "__wrapped__", score)
-    return score(model, **inputs, budget=budget)
-
-
 def clipped_budget(budget: int, inputs: dict[str, Any], merge: int) -> list[int]:
     return [min(budget, n) for n in common.token_counts(inputs["image_grid_thw"], merge)]
 
@@ -107,8 +96,8 @@ class Stage1Task(StageTask):
         queries = batch  # one (image, category) query per item: the loader expands images
         inputs = self._inputs(queries)
         module = common.unwrap(model)
-        allocations = score_with_grad(module, inputs, clipped_budget(self.ctx.stage.budget, inputs,
-                                                                     self.processor.merge_size))
+        allocations = module.score_tokens(**inputs, budget=clipped_budget(self.ctx.stage.budget, inputs,
+                                                                          self.processor.merge_size))
         iou_terms, bce_terms = [], []
         for query, allocation, grid in zip(queries, allocations, self._grids(inputs)):
             coverage = coverage_mask(query["json"], query["category"], grid).to(allocation.scores.device)
