@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +167,54 @@ def test_task_without_training_only_evaluates_and_exports(toy, helpers):
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert set(metrics) == {"mse"}
     assert (artifact / "config.yaml").is_file() and (artifact / "toy.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- real stages
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("name", "zero"), [("stage1", 2), ("stage2", 3)])
+def test_real_stage_sigkill_and_resume_is_exact(toy, helpers, tiny_base, name, zero):
+    """Stage 1 (allocator, VLM frozen) under ZeRO-2 and stage 2 (LoRA + allocator) under
+    ZeRO-3, on the tiny Qwen3-VL: kill after a committed checkpoint, resume, compare."""
+    steps = 6
+    sets = helpers.settings(name, steps, zero)
+    if name == "stage1":
+        init_from = tiny_base
+    else:  # stage 2 starts from a (short) stage-1 artifact
+        helpers.check(
+            toy.run("s1-for-s2", helpers.settings("stage1", 2, 2), "--init-from", str(tiny_base), real=True)
+        )
+        init_from = toy.stage_dir("s1-for-s2") / "artifact"
+    extra = ("--init-from", str(init_from))
+    full, killed = f"{name}-full", f"{name}-killed"
+    helpers.check(toy.run(full, sets, *extra, name=name, real=True))
+
+    proc = subprocess.Popen(
+        [*toy.command(real=True), *toy.args(killed, sets, name), *extra],
+        cwd=Path(__file__).resolve().parents[2],
+        env=toy.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = toy.stage_dir(killed, name) / "checkpoints"
+    helpers.wait_for(checkpoints / "step-2" / "COMMITTED", proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (toy.stage_dir(killed, name) / "artifact").exists()
+
+    resumed = helpers.check(toy.run(killed, sets, *extra, name=name, real=True))
+    match = re.search(r"resumed from .* \(step (\d+)\)", resumed.stdout)
+    assert match and 2 <= int(match.group(1)) < steps
+
+    reference, result = toy.all_weights(full, name), toy.all_weights(killed, name)
+    assert reference and reference.keys() == result.keys()
+    if name == "stage2":
+        assert any("adapter" in key and "lora_B" in key for key in reference)
+    for key, tensor in reference.items():
+        assert tensor.numel() > 0 and torch.equal(tensor, result[key]), key
+    reference_losses, resumed_losses = toy.losses(full, name), toy.losses(killed, name)
+    assert sorted(resumed_losses) == list(range(1, steps + 1))
+    for step in range(int(match.group(1)) + 1, steps + 1):
+        assert resumed_losses[step] == reference_losses[step], step
