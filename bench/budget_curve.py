@@ -58,12 +58,35 @@ def parse_args() -> argparse.Namespace:
 def stage_overrides(args: argparse.Namespace, root: Path) -> list[str]:
     """Every stage key spelled out (overriding one key of a stage replaces its section)."""
     stages = {
-        "stage0": {"max_steps": args.stage0_steps, "batch_size": 8, "lr": 5e-3, "budget": 64,
-                   "eval_samples": 64},
-        "stage1": {"max_steps": args.stage1_steps, "batch_size": 4, "lr": 3e-3, "budget": 16, "eval_samples": 64},
-        "stage2": {"max_steps": args.stage2_steps, "batch_size": 4, "lr": 5e-3, "budget": 16, "eval_samples": 64},
+        "stage0": {
+            "max_steps": args.stage0_steps,
+            "batch_size": 8,
+            "lr": 5e-3,
+            "budget": 64,
+            "eval_samples": 64,
+        },
+        "stage1": {
+            "max_steps": args.stage1_steps,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "budget": 16,
+            "eval_samples": 64,
+        },
+        "stage2": {
+            "max_steps": args.stage2_steps,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "budget": 16,
+            "eval_samples": 64,
+        },
         "mine": {"budget": 16, "batch_size": 8, "hard_fraction": 0.3},
-        "stage3": {"max_steps": args.stage3_steps, "batch_size": 4, "lr": 3e-3, "budget": 16, "eval_samples": 64},
+        "stage3": {
+            "max_steps": args.stage3_steps,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "budget": 16,
+            "eval_samples": 64,
+        },
     }
     sets = [f"run.root={root}", "run.name=budget-curve", f"data.images={args.images}"]
     for stage, values in stages.items():
@@ -116,7 +139,9 @@ def budget_curve(cfg, questions: int) -> tuple[list[int], dict[str, dict[int, fl
         curve[name] = {}
         with swapped_allocator(model, selector):
             for k in budgets[:-1]:
-                curve[name][k] = vqa_accuracy(model, processor, samples, k, 16, cfg.model.max_answer_tokens, device)
+                curve[name][k] = vqa_accuracy(
+                    model, processor, samples, k, 16, cfg.model.max_answer_tokens, device
+                )
         curve[name][tokens] = all_tokens
         print(f"   {name:<12} " + "  ".join(f"K={k}: {a:.3f}" for k, a in curve[name].items()), flush=True)
     return budgets, curve, len(samples)
@@ -137,8 +162,11 @@ def zero_ratio(args, root: Path, stage1_artifact: Path) -> tuple[float, float]:
     times = {}
     for zero in (2, 3):
         sets = stage_overrides(args, root) + [
-            f"run.name=zero{zero}", f"stages.stage2.zero_stage={zero}", f"stages.stage2.max_steps={args.zero_steps}",
-            f"stages.stage2.checkpoint_every={args.zero_steps}", "stages.stage2.eval_samples=4",
+            f"run.name=zero{zero}",
+            f"stages.stage2.zero_stage={zero}",
+            f"stages.stage2.max_steps={args.zero_steps}",
+            f"stages.stage2.checkpoint_every={args.zero_steps}",
+            "stages.stage2.eval_samples=4",
         ]
         cfg = load_config(args.config, sets)
         print(f"-- timing stage2 under ZeRO-{zero}", flush=True)
@@ -173,12 +201,19 @@ def main() -> int:
     for name in SELECTORS:
         print(f"{name:<12}" + "".join(f"{curve[name][k]:>9.3f}" for k in budgets))
     print(f"\nallocator at K=N/4 keeps {retained:.1%} of all-token accuracy (target >= {RETAIN_TARGET:.0%})")
-    print("allocator - selector at K=N/8: " + ", ".join(f"{k} {v:+.3f}" for k, v in margins.items())
-          + f" (target >= +{MARGIN_TARGET:.2f} each)")
-    print("\ntraining samples/s per stage: " + ", ".join(
-        f"{s} {m['samples_per_s']:.1f}" for s, m in stage_metrics.items() if "samples_per_s" in m))
-    print(f"stage-2 step time: ZeRO-2 {zero2 * 1000:.0f} ms, ZeRO-3 {zero3 * 1000:.0f} ms, "
-          f"ratio {zero3 / zero2:.2f}")
+    print(
+        "allocator - selector at K=N/8: "
+        + ", ".join(f"{k} {v:+.3f}" for k, v in margins.items())
+        + f" (target >= +{MARGIN_TARGET:.2f} each)"
+    )
+    print(
+        "\ntraining samples/s per stage: "
+        + ", ".join(f"{s} {m['samples_per_s']:.1f}" for s, m in stage_metrics.items() if "samples_per_s" in m)
+    )
+    print(
+        f"stage-2 step time: ZeRO-2 {zero2 * 1000:.0f} ms, ZeRO-3 {zero3 * 1000:.0f} ms, "
+        f"ratio {zero3 / zero2:.2f}"
+    )
     print(f"total wall {time.perf_counter() - started:.0f} s, run root {root}")
 
     result = {
@@ -187,9 +222,13 @@ def main() -> int:
         "accuracy": {name: {str(k): round(v, 4) for k, v in curve[name].items()} for name in SELECTORS},
         "retained_at_quarter": round(retained, 4),
         "margin_at_eighth": {k: round(v, 4) for k, v in margins.items()},
-        "samples_per_s": {s: round(m["samples_per_s"], 2) for s, m in stage_metrics.items() if "samples_per_s" in m},
-        "stage_metrics": {s: {k: round(v, 4) for k, v in m.items() if isinstance(v, float)} for s, m in
-                          stage_metrics.items()},
+        "samples_per_s": {
+            s: round(m["samples_per_s"], 2) for s, m in stage_metrics.items() if "samples_per_s" in m
+        },
+        "stage_metrics": {
+            s: {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
+            for s, m in stage_metrics.items()
+        },
         "zero2_step_s": round(zero2, 4),
         "zero3_step_s": round(zero3, 4),
         "zero3_over_zero2": round(zero3 / zero2, 3),

@@ -194,9 +194,16 @@ def token_counts(grid_thw: torch.Tensor, merge: int) -> list[int]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else
-                [x.to(device) for x in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v)
-            for k, v in batch.items()}
+    return {
+        k: (
+            v.to(device)
+            if isinstance(v, torch.Tensor)
+            else [x.to(device) for x in v]
+            if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+            else v
+        )
+        for k, v in batch.items()
+    }
 
 
 def vqa_inputs(processor, samples: Sequence[dict[str, Any]], device: torch.device, with_answers: bool):

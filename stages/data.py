@@ -36,7 +36,9 @@ class DataPaths:
 
 def data_paths(cfg: RunConfig) -> DataPaths:
     data_dir = cfg.run_dir / "data"
-    return DataPaths(raw=data_dir / "raw", coco=data_dir / "shards" / "coco", vqav2=data_dir / "shards" / "vqav2")
+    return DataPaths(
+        raw=data_dir / "raw", coco=data_dir / "shards" / "coco", vqav2=data_dir / "shards" / "vqav2"
+    )
 
 
 def _is_distributed() -> bool:
@@ -71,20 +73,40 @@ def _complete(shard_dir: Path) -> bool:
 def _prepare(cfg: RunConfig, paths: DataPaths) -> None:
     from data_prep import shard
 
-    options = {"shard_size": cfg.data.shard_size, "workers": cfg.data.workers,
-               "max_bad_fraction": cfg.data.max_bad_fraction, "progress": False}
+    options = {
+        "shard_size": cfg.data.shard_size,
+        "workers": cfg.data.workers,
+        "max_bad_fraction": cfg.data.max_bad_fraction,
+        "progress": False,
+    }
     if cfg.data.source == "synthetic":
         raw = paths.raw
-        if not all((raw / f"{name}_{split}.json").is_file()
-                   for name in ("instances", "questions", "annotations") for split in SPLITS):
+        if not all(
+            (raw / f"{name}_{split}.json").is_file()
+            for name in ("instances", "questions", "annotations")
+            for split in SPLITS
+        ):
             from data_prep import synth
 
-            synth.generate(raw, images=cfg.data.images, seed=cfg.seed, image_size=cfg.model.image_size,
-                           val_fraction=cfg.data.val_fraction)
+            synth.generate(
+                raw,
+                images=cfg.data.images,
+                seed=cfg.seed,
+                image_size=cfg.model.image_size,
+                val_fraction=cfg.data.val_fraction,
+            )
         for split in SPLITS:
-            shard.shard_coco(raw / f"instances_{split}.json", raw / "images", paths.coco, split=split, **options)
-            shard.shard_vqav2(raw / f"questions_{split}.json", raw / f"annotations_{split}.json", raw / "images",
-                              paths.vqav2, split=split, **options)
+            shard.shard_coco(
+                raw / f"instances_{split}.json", raw / "images", paths.coco, split=split, **options
+            )
+            shard.shard_vqav2(
+                raw / f"questions_{split}.json",
+                raw / f"annotations_{split}.json",
+                raw / "images",
+                paths.vqav2,
+                split=split,
+                **options,
+            )
         return
     # Real COCO / VQAv2: the split comes from the file names (train2014, val2017, ...).
     data = cfg.data

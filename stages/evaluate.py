@@ -93,8 +93,15 @@ def vqa_soft_accuracy(prediction: str, annotator_answers: Sequence) -> float:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, samples: Sequence[dict], budget, batch_size: int,
-                     max_new_tokens: int, device: torch.device) -> list[str]:
+def generate_answers(
+    model,
+    processor,
+    samples: Sequence[dict],
+    budget,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[str]:
     """Greedy answers of ``model`` (an ``ARRCOCQwen``) for VQA samples, in order."""
     from stages.common import vqa_inputs
 
@@ -105,7 +112,11 @@ def generate_answers(model, processor, samples: Sequence[dict], budget, batch_si
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             inputs = vqa_inputs(processor, chunk, device, with_answers=False)
-            ids = model.generate_ids(**inputs, budget=_chunk_budget(budget, inputs, processor.merge_size), max_new_tokens=max_new_tokens)
+            ids = model.generate_ids(
+                **inputs,
+                budget=_chunk_budget(budget, inputs, processor.merge_size),
+                max_new_tokens=max_new_tokens,
+            )
             answers.extend(processor.decode(row) for row in ids)
     finally:
         model.train(was_training)
@@ -120,15 +131,29 @@ def _chunk_budget(budget, inputs, merge: int) -> int | list[int] | None:
     return [min(int(budget), n) for n in counts]
 
 
-def vqa_scores(model, processor, samples: Sequence[dict], budget, batch_size: int,
-               max_new_tokens: int, device: torch.device) -> list[float]:
+def vqa_scores(
+    model,
+    processor,
+    samples: Sequence[dict],
+    budget,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[float]:
     """Per-sample VQA soft accuracy of generated answers."""
     predictions = generate_answers(model, processor, samples, budget, batch_size, max_new_tokens, device)
     return [vqa_soft_accuracy(p, s["json"]["answers"]) for p, s in zip(predictions, samples)]
 
 
-def vqa_accuracy(model, processor, samples: Sequence[dict], budget, batch_size: int,
-                 max_new_tokens: int, device: torch.device) -> float:
+def vqa_accuracy(
+    model,
+    processor,
+    samples: Sequence[dict],
+    budget,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> float:
     """Mean VQA soft accuracy of generated answers at ``budget`` (``None``: all tokens)."""
     return mean(vqa_scores(model, processor, samples, budget, batch_size, max_new_tokens, device))
 
@@ -150,7 +175,9 @@ def saliency_scores(image: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tens
     from arr_coc.texture import TEXTURE_CHANNELS, texture_array
 
     texture = texture_array(image.float(), grid_hw)
-    channels = [TEXTURE_CHANNELS.index(n) for n in ("saliency_spectral", "saliency_contrast", "saliency_global")]
+    channels = [
+        TEXTURE_CHANNELS.index(n) for n in ("saliency_spectral", "saliency_contrast", "saliency_global")
+    ]
     return texture[channels].sum(0).flatten()
 
 
@@ -225,4 +252,3 @@ def mean(values: Sequence[float]) -> float:
 def summarise(per_sample: dict[str, list[float]], prefix: str = "") -> dict[str, float]:
     """Means of per-sample metric lists, keys prefixed."""
     return {f"{prefix}{key}": mean(values) for key, values in per_sample.items()}
-

@@ -29,10 +29,14 @@ def score_colours(scores: np.ndarray) -> np.ndarray:
     return np.stack([red, green, np.zeros_like(unit)], axis=-1).astype(np.uint8)
 
 
-def render(image: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, grid_hw: tuple[int, int]) -> Image.Image:
+def render(
+    image: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, grid_hw: tuple[int, int]
+) -> Image.Image:
     """``image`` float [3, H, W] in [0, 1]; ``scores`` [N]; ``kept`` indices into the N cells."""
     gh, gw = grid_hw
-    base = Image.fromarray((image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
+    base = Image.fromarray(
+        (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+    )
     width, height = base.size
     colours = Image.fromarray(score_colours(scores.detach().float().cpu().numpy().reshape(gh, gw)))
     overlay = Image.blend(base, colours.resize((width, height), Image.NEAREST), OVERLAY_ALPHA)

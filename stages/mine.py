@@ -68,16 +68,36 @@ class MineTask(VQATask):
     def score_chunk(self, model, chunk: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
         """Per-sample answer loss and soft accuracy at budget K."""
         out, _ = self.answer_loss(model, chunk)
-        answers = generate_answers(model, self.processor, chunk, self.budget, len(chunk),
-                                   self.ctx.cfg.model.max_answer_tokens, self.ctx.device)
+        answers = generate_answers(
+            model,
+            self.processor,
+            chunk,
+            self.budget,
+            len(chunk),
+            self.ctx.cfg.model.max_answer_tokens,
+            self.ctx.device,
+        )
         accuracy = [vqa_soft_accuracy(a, s["json"]["answers"]) for a, s in zip(answers, chunk)]
         return out.per_sample_loss.float().cpu().tolist(), accuracy
 
     def score_pool(self, model) -> dict[str, list[Any]]:
         module = common.unwrap(model)
         module.eval()
-        rows: dict[str, list[Any]] = {name: [] for name in (
-            "key", "question_id", "image_id", "question", "answer", "answers", "flags", "loss", "accuracy", "image")}
+        rows: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                "key",
+                "question_id",
+                "image_id",
+                "question",
+                "answer",
+                "answers",
+                "flags",
+                "loss",
+                "accuracy",
+                "image",
+            )
+        }
         chunk: list[dict[str, Any]] = []
         for sample in itertools.chain(iter_samples(self.paths.vqav2, "train"), [None]):  # None flushes
             if sample is not None:
@@ -133,6 +153,14 @@ class MineTask(VQATask):
         table.save_to_disk(str(artifact_dir / HARD_TABLE_DIR))
         hard = table.filter(lambda row: row["selected"])
         shard_size = max(1, min(self.ctx.cfg.data.shard_size, math.ceil(len(hard) / MIN_HARD_SHARDS)))
-        shard_hf_dataset(hard, artifact_dir / HARD_SHARDS_DIR, split="train", image_column="image",
-                         question_column="question", answers_column="answers", shard_size=shard_size,
-                         workers=1, progress=False)
+        shard_hf_dataset(
+            hard,
+            artifact_dir / HARD_SHARDS_DIR,
+            split="train",
+            image_column="image",
+            question_column="question",
+            answers_column="answers",
+            shard_size=shard_size,
+            workers=1,
+            progress=False,
+        )

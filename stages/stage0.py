@@ -65,9 +65,15 @@ class Stage0Task(StageTask):
 
     def evaluate(self, model) -> dict[str, float]:
         samples = read_samples(self.paths.vqav2, "val", self.ctx.stage.eval_samples)
-        accuracy = vqa_accuracy(common.unwrap(model), self.processor, samples, budget=None,
-                                batch_size=self.ctx.stage.batch_size,
-                                max_new_tokens=self.ctx.cfg.model.max_answer_tokens, device=self.ctx.device)
+        accuracy = vqa_accuracy(
+            common.unwrap(model),
+            self.processor,
+            samples,
+            budget=None,
+            batch_size=self.ctx.stage.batch_size,
+            max_new_tokens=self.ctx.cfg.model.max_answer_tokens,
+            device=self.ctx.device,
+        )
         return {"vqa_accuracy_all_tokens": accuracy}
 
     def export(self, model, artifact_dir: Path) -> None:

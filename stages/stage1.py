@@ -79,9 +79,15 @@ class Stage1Task(StageTask):
     def train_loader(self):
         from data_prep.loader import ShardLoader
 
-        return ShardLoader(shard_urls(self.paths.coco, "train"), batch_size=self.ctx.stage.batch_size,
-                           rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=0, seed=self.ctx.cfg.seed,
-                           expand=stage1_queries)
+        return ShardLoader(
+            shard_urls(self.paths.coco, "train"),
+            batch_size=self.ctx.stage.batch_size,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            num_workers=0,
+            seed=self.ctx.cfg.seed,
+            expand=stage1_queries,
+        )
 
     def _inputs(self, queries: list[dict[str, Any]]):
         inputs = self.processor([q["image"] for q in queries], [q["query"] for q in queries])
@@ -96,8 +102,9 @@ class Stage1Task(StageTask):
         queries = batch  # one (image, category) query per item: the loader expands images
         inputs = self._inputs(queries)
         module = common.unwrap(model)
-        allocations = module.score_tokens(**inputs, budget=clipped_budget(self.ctx.stage.budget, inputs,
-                                                                          self.processor.merge_size))
+        allocations = module.score_tokens(
+            **inputs, budget=clipped_budget(self.ctx.stage.budget, inputs, self.processor.merge_size)
+        )
         iou_terms, bce_terms = [], []
         for query, allocation, grid in zip(queries, allocations, self._grids(inputs)):
             coverage = coverage_mask(query["json"], query["category"], grid).to(allocation.scores.device)
@@ -142,8 +149,13 @@ class Stage1Task(StageTask):
         size = self.ctx.stage.batch_size
         chunks = [queries[start : start + size] for start in range(0, len(queries), size)]
         batches = [self._inputs(chunk) for chunk in chunks]
-        targets = [[binarise(coverage_mask(q["json"], q["category"], grid)) for q, grid in zip(chunk, self._grids(inputs))]
-                   for chunk, inputs in zip(chunks, batches)]
+        targets = [
+            [
+                binarise(coverage_mask(q["json"], q["category"], grid))
+                for q, grid in zip(chunk, self._grids(inputs))
+            ]
+            for chunk, inputs in zip(chunks, batches)
+        ]
         metrics: dict[str, float] = {}
         was_training = module.training
         module.eval()
@@ -153,7 +165,8 @@ class Stage1Task(StageTask):
                 with swapped_allocator(module, selector):
                     for inputs, chunk_targets in zip(batches, targets):
                         allocations = module.score_tokens(
-                            **inputs, budget=clipped_budget(budget, inputs, self.processor.merge_size))
+                            **inputs, budget=clipped_budget(budget, inputs, self.processor.merge_size)
+                        )
                         for allocation, target in zip(allocations, chunk_targets):
                             kept = kept_mask(allocation.indices.cpu(), target.numel())
                             per_sample["iou"].append(hard_iou(kept, target))
@@ -181,8 +194,9 @@ class Stage1Task(StageTask):
         chunk = self.eval_queries()[:HEATMAP_SAMPLES]
         inputs = self._inputs(chunk)
         grids = self._grids(inputs)
-        allocations = module.score_tokens(**inputs, budget=clipped_budget(self.ctx.stage.budget, inputs,
-                                                                          self.processor.merge_size))
+        allocations = module.score_tokens(
+            **inputs, budget=clipped_budget(self.ctx.stage.budget, inputs, self.processor.merge_size)
+        )
         if common.is_writer(self.ctx):
             names = [q["query"] for q in chunk]
             write_heatmaps(artifact_dir / HEATMAP_DIR, names, inputs["images"], allocations, grids)

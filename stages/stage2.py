@@ -119,8 +119,10 @@ class VQATask(StageTask):
     def answer_loss(self, model, batch: list[dict[str, Any]]):
         """Model output on answer-labelled inputs at budget K (clipped to each image's N)."""
         inputs = common.vqa_inputs(self.processor, batch, self.ctx.device, with_answers=True)
-        budgets = [min(self.budget, n) for n in common.token_counts(inputs["image_grid_thw"],
-                                                                    self.processor.merge_size)]
+        budgets = [
+            min(self.budget, n)
+            for n in common.token_counts(inputs["image_grid_thw"], self.processor.merge_size)
+        ]
         return model(**inputs, budget=budgets), budgets
 
     def training_step(self, model, batch):
@@ -137,9 +139,15 @@ class VQATask(StageTask):
         return self._eval_samples
 
     def accuracy(self, model, samples, budget) -> float:
-        return vqa_accuracy(common.unwrap(model), self.processor, samples, budget=budget,
-                            batch_size=self.ctx.stage.batch_size,
-                            max_new_tokens=self.ctx.cfg.model.max_answer_tokens, device=self.ctx.device)
+        return vqa_accuracy(
+            common.unwrap(model),
+            self.processor,
+            samples,
+            budget=budget,
+            batch_size=self.ctx.stage.batch_size,
+            max_new_tokens=self.ctx.cfg.model.max_answer_tokens,
+            device=self.ctx.device,
+        )
 
     def evaluate(self, model) -> dict[str, float]:
         samples = self.eval_samples()

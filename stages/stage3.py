@@ -62,8 +62,9 @@ def split_counts(batch_size: int, replay_fraction: float) -> tuple[int, int]:
 
 
 def weighted_loss(per_sample: torch.Tensor, hard: list[bool], hard_weight: float) -> torch.Tensor:
-    weights = torch.tensor([hard_weight if h else 1.0 for h in hard], dtype=per_sample.dtype,
-                           device=per_sample.device)
+    weights = torch.tensor(
+        [hard_weight if h else 1.0 for h in hard], dtype=per_sample.dtype, device=per_sample.device
+    )
     return (per_sample * weights).sum() / weights.sum()
 
 
@@ -72,15 +73,23 @@ class Stage3Task(VQATask):
         super().__init__(ctx)
         self.hard_shards = self.upstream / HARD_SHARDS_DIR
         if not (self.hard_shards / "manifest.json").is_file():
-            raise ConfigError(f"{self.hard_shards}: no hard-set shards (is {self.upstream} a mining artifact?)")
+            raise ConfigError(
+                f"{self.hard_shards}: no hard-set shards (is {self.upstream} a mining artifact?)"
+            )
         self._splits: dict[str, list[dict[str, Any]]] | None = None
 
     def train_loader(self):
         from data_prep.loader import ShardLoader
 
         hard_count, replay_count = split_counts(self.ctx.stage.batch_size, self.ctx.stage.replay_fraction)
-        hard = ShardLoader(shard_urls(self.hard_shards, "train"), batch_size=hard_count, rank=self.ctx.rank,
-                           world_size=self.ctx.world_size, num_workers=0, seed=self.ctx.cfg.seed)
+        hard = ShardLoader(
+            shard_urls(self.hard_shards, "train"),
+            batch_size=hard_count,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            num_workers=0,
+            seed=self.ctx.cfg.seed,
+        )
         replay = vqa_loader(self.ctx, self.paths.vqav2, batch_size=replay_count) if replay_count else None
         return MixedLoader(hard, replay)
 

@@ -22,15 +22,41 @@ RUN_NAME = "tiny"
 K = 16  # N/4 of the tiny default's 8x8 merged grid (256 px images, patch 16, merge 2)
 
 STAGE_SETTINGS: dict[str, dict[str, object]] = {
-    "stage0": {"max_steps": 200, "batch_size": 4, "lr": 3e-3, "budget": 64, "eval_samples": 48,
-               "checkpoint_every": 200},
-    "stage1": {"max_steps": 40, "batch_size": 4, "lr": 3e-3, "budget": K, "eval_samples": 64,
-               "checkpoint_every": 40},
-    "stage2": {"max_steps": 60, "batch_size": 4, "lr": 5e-3, "budget": K, "eval_samples": 64,
-               "checkpoint_every": 60},
+    "stage0": {
+        "max_steps": 200,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "budget": 64,
+        "eval_samples": 48,
+        "checkpoint_every": 200,
+    },
+    "stage1": {
+        "max_steps": 40,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "budget": K,
+        "eval_samples": 64,
+        "checkpoint_every": 40,
+    },
+    "stage2": {
+        "max_steps": 60,
+        "batch_size": 4,
+        "lr": 5e-3,
+        "budget": K,
+        "eval_samples": 64,
+        "checkpoint_every": 60,
+    },
     "mine": {"budget": K, "hard_fraction": 0.3, "batch_size": 8},
-    "stage3": {"max_steps": 40, "batch_size": 4, "lr": 2e-3, "budget": K, "eval_samples": 48,
-               "checkpoint_every": 40, "hard_weight": 2.0, "replay_fraction": 0.5},
+    "stage3": {
+        "max_steps": 60,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "budget": K,
+        "eval_samples": 48,
+        "checkpoint_every": 60,
+        "hard_weight": 2.0,
+        "replay_fraction": 0.5,
+    },
 }
 ORDER = ("stage0", "stage1", "stage2", "mine", "stage3")
 

@@ -67,7 +67,7 @@ def test_topk_indices_are_raster_ordered():
 def _scene(grid=(4, 4), cell=8):
     """Grey background with one bright square in cell (0, 3)."""
     image = torch.full((3, grid[0] * cell, grid[1] * cell), 0.5)
-    image[:, 1:cell - 1, 3 * cell + 1 : 4 * cell - 1] = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+    image[:, 1 : cell - 1, 3 * cell + 1 : 4 * cell - 1] = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
     return image
 
 

@@ -64,4 +64,6 @@ def test_mining_table_and_hard_shards(root):
     assert report["splits"]["train"]["shards"] >= 8  # enough shards for 8 ranks x workers in stage 3
     sharded = sorted(s["json"]["question_id"] for s in iter_samples(shards, "train"))
     assert sharded == sorted(q for q, s in zip(table["question_id"], expected) if s)
-    assert (art / "allocator.safetensors").is_file() and (art / "adapter" / "adapter_model.safetensors").is_file()
+    assert (art / "allocator.safetensors").is_file() and (
+        art / "adapter" / "adapter_model.safetensors"
+    ).is_file()

@@ -26,8 +26,14 @@ def root(tmp_path_factory):
 
 def test_production_config_refuses_stage0(tmp_path):
     cfg = load_config(None, [f"run.root={tmp_path}", "model.source=/models/Qwen3-VL-2B-Instruct"])
-    ctx = StageContext(cfg=cfg, name="stage0", stage=cfg.stage("stage0"), run_dir=cfg.run_dir,
-                       stage_dir=cfg.run_dir / "stage0", init_from=None)
+    ctx = StageContext(
+        cfg=cfg,
+        name="stage0",
+        stage=cfg.stage("stage0"),
+        run_dir=cfg.run_dir,
+        stage_dir=cfg.run_dir / "stage0",
+        init_from=None,
+    )
     with pytest.raises(ConfigError, match="stages.stage0"):
         Stage0Task(ctx)
     assert not (cfg.run_dir / "data").exists()  # refused before generating any data
@@ -52,8 +58,9 @@ def test_stage0_base_learns_to_answer_and_exports_safetensors(root):
     hf_model, processor = load_vlm(task.ctx.cfg.model, base_dir=base)
     reloaded = ARRCOCQwen(hf_model, task.ctx.cfg.allocator)
     samples = read_samples(task.paths.vqav2, "val", task.ctx.stage.eval_samples)
-    accuracy = vqa_accuracy(reloaded, processor, samples, budget=None, batch_size=8, max_new_tokens=4,
-                            device=torch.device("cpu"))
+    accuracy = vqa_accuracy(
+        reloaded, processor, samples, budget=None, batch_size=8, max_new_tokens=4, device=torch.device("cpu")
+    )
     assert accuracy == pytest.approx(metrics["vqa_accuracy_all_tokens"])
 
     log = [json.loads(line) for line in (art.parent / "train_log.jsonl").read_text().splitlines()]

@@ -48,16 +48,28 @@ def test_stage2_adapter_artifact(root):
     loaded = {n: p for n, p in model.vlm.named_parameters() if "lora_" in n}
     assert len(loaded) == len(adapter)
     for name, value in adapter.items():
-        match = [p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1])]
+        match = [
+            p for n, p in loaded.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1])
+        ]
         assert len(match) == 1 and torch.equal(match[0].detach(), value), name
 
 
 def _zero3_run(root, run_name: str, stage1_artifact, monkeypatch, fail_at: str | None = None):
     from stages.runner import run_stage
 
-    cfg = config(root, [f"run.name={run_name}", "data.images=40", "stages.stage2.zero_stage=3",
-                        "stages.stage2.max_steps=3", "stages.stage2.checkpoint_every=2",
-                        "stages.stage2.eval_samples=4", "stages.stage2.lr=5e-3", f"stages.stage2.budget={K}"])
+    cfg = config(
+        root,
+        [
+            f"run.name={run_name}",
+            "data.images=40",
+            "stages.stage2.zero_stage=3",
+            "stages.stage2.max_steps=3",
+            "stages.stage2.checkpoint_every=2",
+            "stages.stage2.eval_samples=4",
+            "stages.stage2.lr=5e-3",
+            f"stages.stage2.budget={K}",
+        ],
+    )
     if fail_at:
         monkeypatch.setenv("ARR_COC_FAIL_AT", fail_at)
         with pytest.raises(RuntimeError, match="injected fault"):
