@@ -67,8 +67,12 @@ def auto_values(cfg: RunConfig, name: str) -> dict[str, Any]:
         "optimizer.params.betas": list(getattr(stage, "betas", OPTIMIZER_DEFAULTS["betas"])),
         "optimizer.params.weight_decay": getattr(stage, "weight_decay", OPTIMIZER_DEFAULTS["weight_decay"]),
         "optimizer.params.torch_adam": not cuda,
-        # DeepSpeed's WarmupCosineLR needs at least one warmup step.
-        "scheduler.params.warmup_num_steps": max(1, stage.warmup_steps),
+        # DeepSpeed's WarmupCosineLR warms up over at least 2 steps, runs the first optimizer
+        # step at lr 0 (scheduler "not started") and the second at warmup_min_ratio * lr;
+        # starting the ramp at 1/(W+1) makes steps 2..W+1 climb linearly to the peak
+        # instead of spending a second step at lr 0.
+        "scheduler.params.warmup_num_steps": max(2, stage.warmup_steps),
+        "scheduler.params.warmup_min_ratio": 1.0 / (max(2, stage.warmup_steps) + 1),
         "scheduler.params.total_num_steps": stage.max_steps,
         "scheduler.params.warmup_max_lr": stage.lr,
         "zero_optimization.offload_optimizer.device": offload,

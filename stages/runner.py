@@ -351,11 +351,13 @@ class _Run:
         losses: list[float] = []
         logs: dict[str, list[float]] = {}
         grad_norms: dict[str, float] = {}
+        lr = 0.0
         for micro in range(accum):
             loss, step_logs = self.task.training_step(engine, next(batches))
             engine.backward(loss)
             if micro == accum - 1:
                 grad_norms = component_grad_norms(engine.module)
+                lr = float(engine.get_lr()[0])  # the rate this optimizer step applies
             engine.step()
             losses.append(float(loss.detach()))
             for key, value in _numbers(step_logs).items():
@@ -367,7 +369,7 @@ class _Run:
         if total is not None:
             metrics["grad_norm"] = float(total)
         metrics["loss"] = self.last_loss
-        metrics["lr"] = float(engine.get_lr()[0])
+        metrics["lr"] = lr
         return metrics
 
     def _log_step(self, metrics: dict[str, float]) -> None:

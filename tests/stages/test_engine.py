@@ -44,6 +44,7 @@ def test_every_auto_is_filled_from_the_stage(name):
     assert ds["gradient_clipping"] == 0.7
     assert ds["optimizer"]["params"]["lr"] == 0.002
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 4
+    assert ds["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(1 / 5)
     assert ds["scheduler"]["params"]["total_num_steps"] == 50
     assert ds["bf16"]["enabled"] is False  # CPU: fp32
     assert ds["optimizer"]["params"]["torch_adam"] is True
@@ -103,9 +104,10 @@ lrs, frozen = [], model[0].weight.detach().clone()
 for micro in range(12):
     loss = eng(torch.randn(2, 4)).pow(2).mean() * 100
     eng.backward(loss)
-    eng.step()
     if micro % 2 == 1:
-        lrs.append(eng.get_lr()[0])
+        lrs.append(eng.get_lr()[0])  # the rate this optimizer step applies
+    eng.step()
+lrs.append(eng.get_lr()[0])  # where the schedule ends
 assert eng.global_steps == 6, eng.global_steps
 assert torch.equal(frozen, model[0].weight)
 print("LRS", lrs)
@@ -114,7 +116,9 @@ print("LRS", lrs)
 
 @pytest.mark.integration
 def test_real_engine_on_cpu_steps_at_accumulation_boundaries(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")
+    }
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run(
         [sys.executable, "-c", ENGINE_SCRIPT],
@@ -126,7 +130,9 @@ def test_real_engine_on_cpu_steps_at_accumulation_boundaries(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lrs = json.loads(result.stdout.split("LRS", 1)[1].strip())
-    # warmup 2 steps from 0 to the peak, then cosine down to cos_min_ratio * peak at the last step
-    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.005)
+    # DeepSpeed's first step runs at lr 0 ("not started"); then a linear ramp from
+    # peak/(W+1) (W=2 warmup steps), then cosine down to cos_min_ratio * peak.
+    assert lrs[0] == 0.0
+    assert lrs[1] == pytest.approx(0.01 / 3) and lrs[2] == pytest.approx(0.02 / 3)
     assert max(lrs) <= 0.01 and lrs[-1] == pytest.approx(0.001)
-    assert lrs[2:] == sorted(lrs[2:], reverse=True)
+    assert lrs[3:] == sorted(lrs[3:], reverse=True)

@@ -88,3 +88,40 @@ def test_deepspeed_two_processes_on_cpu(toy, helpers):
     weights = toy.weights("two-ranks")
     assert weights["allocator.0.weight"].shape == (16, 16)  # gathered, not a ZeRO-3 shard
     assert result.stdout.count("[stage1] step 3/3") == 1  # only rank 0 logs
+
+
+@pytest.mark.integration
+def test_deepspeed_two_processes_run_real_stage1_and_stage2(toy, helpers, tiny_base):
+    """The tiny Qwen3-VL stages 1 and 2 under ``deepspeed --num_gpus 2`` (CPU, gloo, ZeRO-3);
+    the artifacts load with safetensors and stage 2 carries non-empty LoRA adapters."""
+    from safetensors.torch import load_file
+
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    artifacts = {}
+    upstream = tiny_base
+    for name in ("stage1", "stage2"):
+        args = toy.args("two-ranks-real", [*helpers.settings(name, 2, 3), "data.shard_size=4"], name)
+        cmd = [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "stages.launch",
+            *args,
+            "--init-from",
+            str(upstream),
+        ]
+        helpers.check(
+            subprocess.run(cmd, cwd=REPO, env=toy.env(), capture_output=True, text=True, timeout=500)
+        )
+        upstream = artifacts[name] = toy.stage_dir("two-ranks-real", name) / "artifact"
+        metrics = json.loads((upstream / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    allocator = load_file(str(artifacts["stage1"] / "allocator.safetensors"))
+    assert allocator and all(t.numel() > 0 for t in allocator.values())
+    adapters = list((artifacts["stage2"]).rglob("adapter_model.safetensors"))
+    assert len(adapters) == 1
+    lora = load_file(str(adapters[0]))
+    assert any("lora_B" in k and t.abs().sum() > 0 for k, t in lora.items())
