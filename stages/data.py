@@ -142,7 +142,12 @@ def iter_samples(shard_dir: Path, split: str) -> Iterator[dict[str, Any]]:
     from PIL import Image
 
     for url in shard_urls(shard_dir, split):
-        for raw in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+        # Every rank reads the same held-out samples (the same module calls on every rank),
+        # so no node or worker splitting here (webdataset refuses multi-node by default).
+        dataset = wds.WebDataset(
+            url, shardshuffle=False, empty_check=False, nodesplitter=_all_shards, workersplitter=_all_shards
+        )
+        for raw in dataset:
             image_key = next((k for k in ("jpg", "jpeg", "png") if k in raw), None)
             if image_key is None or "json" not in raw:
                 raise DataError(f"{url}: sample {raw.get('__key__')!r} lacks an image or json part")
@@ -152,3 +157,8 @@ def iter_samples(shard_dir: Path, split: str) -> Iterator[dict[str, Any]]:
                 "image_bytes": raw[image_key],  # as stored: mining re-shards them unchanged
                 "json": json.loads(raw["json"]),
             }
+
+
+def _all_shards(urls):
+    """A webdataset splitter that keeps every shard."""
+    return urls
