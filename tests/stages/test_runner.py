@@ -83,7 +83,8 @@ def test_component_names():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-3 exact resume is covered on the real stage 2 below (LoRA adapters partitioned).
+@pytest.mark.parametrize("zero", [2])
 def test_sigkill_and_resume_is_exact(toy, helpers, reference, zero):
     full = reference(zero)
     run = f"killed-z{zero}"
