@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -178,7 +177,7 @@ def zero_ratio(args, root: Path, stage1_artifact: Path) -> tuple[float, float]:
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # the machine is shared; one intra-op thread keeps timings stable
     from arr_coc.config import load_config
 
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="arr-coc-budget-curve-"))

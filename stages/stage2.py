@@ -149,11 +149,23 @@ class VQATask(StageTask):
             device=self.ctx.device,
         )
 
+    @torch.no_grad()
+    def answer_loss_on(self, model, samples) -> float:
+        """Mean held-out answer cross-entropy per question at budget K (teacher-forced)."""
+        module = common.unwrap(model)
+        size = self.ctx.stage.batch_size
+        losses: list[float] = []
+        for start in range(0, len(samples), size):
+            out, _ = self.answer_loss(module, samples[start : start + size])
+            losses.extend(out.per_sample_loss.float().cpu().tolist())
+        return sum(losses) / len(losses)
+
     def evaluate(self, model) -> dict[str, float]:
         samples = self.eval_samples()
         return {
             "vqa_accuracy": self.accuracy(model, samples, self.budget),
             "vqa_accuracy_all_tokens": self.accuracy(model, samples, None),
+            "answer_loss": self.answer_loss_on(model, samples),
             "budget": float(self.budget),
             "eval_samples": float(len(samples)),
         }

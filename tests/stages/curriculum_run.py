@@ -39,12 +39,12 @@ STAGE_SETTINGS: dict[str, dict[str, object]] = {
         "checkpoint_every": 40,
     },
     "stage2": {
-        "max_steps": 60,
+        "max_steps": 150,
         "batch_size": 4,
         "lr": 5e-3,
         "budget": K,
-        "eval_samples": 64,
-        "checkpoint_every": 60,
+        "eval_samples": 144,
+        "checkpoint_every": 150,
     },
     "mine": {"budget": K, "hard_fraction": 0.3, "batch_size": 8},
     "stage3": {

@@ -24,8 +24,9 @@ def test_stage2_accuracy_at_quarter_budget_rises_over_its_start(root):
     start = start_metrics(root, "stage2")  # stage-1 allocator, fresh (zero) adapters, same seed
     final = json.loads((artifact(root, "stage2") / "metrics.json").read_text())
     assert final["budget"] == start["budget"] == K
-    assert final["eval_samples"] == start["eval_samples"] == 64
-    assert final["vqa_accuracy"] > start["vqa_accuracy"] + 0.05, (start, final)
+    assert final["eval_samples"] == start["eval_samples"] == 144  # every validation question
+    assert final["vqa_accuracy"] > start["vqa_accuracy"], (start, final)
+    assert final["answer_loss"] < 0.9 * start["answer_loss"], (start, final)
 
 
 @pytest.mark.integration
