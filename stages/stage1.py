@@ -58,9 +58,10 @@ def clipped_budget(budget: int, inputs: dict[str, Any], merge: int) -> list[int]
 class Stage1Task(StageTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.paths = ensure_data(ctx.cfg)
+        # Upstream first: a missing artifact is a config error before any data is generated.
         self.upstream = common.upstream_dir(ctx)
         self.base = common.base_of(ctx, self.upstream)
+        self.paths = ensure_data(ctx.cfg)
         self.processor = None
         self.initial_allocator: nn.Module | None = None
         self._eval_queries: list[dict[str, Any]] | None = None

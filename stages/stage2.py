@@ -93,9 +93,10 @@ class VQATask(StageTask):
 
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
-        self.paths = ensure_data(ctx.cfg)
+        # Upstream first: a missing artifact is a config error before any data is generated.
         self.upstream = common.require_upstream(ctx)
         self.base = common.base_of(ctx, self.upstream)
+        self.paths = ensure_data(ctx.cfg)
         self.processor = None
         self._eval_samples: list[dict[str, Any]] | None = None
 
