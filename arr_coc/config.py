@@ -191,17 +191,39 @@ class StageSection(_Section):
         return self
 
 
+# Per-stage defaults that differ from StageSection's. A YAML/--set value for a stage is merged
+# over these, so `--set stages.stage1.max_steps=10` keeps stage 1's own lr.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stage0": {"max_steps": 200, "lr": 3e-3, "budget": 64},
+    "stage1": {"lr": 3e-3},
+    "stage2": {"lr": 1e-3},
+    "mine": {"max_steps": 1},
+    "stage3": {"lr": 3e-4},
+}
+
+
 class StagesSection(_Section):
-    stage0: StageSection = StageSection(max_steps=200, lr=3e-3, budget=64)
+    stage0: StageSection = StageSection(**STAGE_DEFAULTS["stage0"])
     """Tiny base warm-up (embedded default only): all tokens, whole VLM trained."""
-    stage1: StageSection = StageSection(lr=3e-3)
+    stage1: StageSection = StageSection(**STAGE_DEFAULTS["stage1"])
     """Proxy-IoU: VLM frozen, allocator supervised by box masks."""
-    stage2: StageSection = StageSection(lr=1e-3)
+    stage2: StageSection = StageSection(**STAGE_DEFAULTS["stage2"])
     """LoRA end-to-end VQA."""
-    mine: StageSection = StageSection(max_steps=1)
+    mine: StageSection = StageSection(**STAGE_DEFAULTS["mine"])
     """Hard-example mining with the stage-2 model."""
-    stage3: StageSection = StageSection(lr=3e-4)
+    stage3: StageSection = StageSection(**STAGE_DEFAULTS["stage3"])
     """Hard-example hardening."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_stage_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, defaults in STAGE_DEFAULTS.items():
+            if isinstance(data.get(name), dict):
+                merged[name] = {**defaults, **data[name]}
+        return merged
 
 
 class LauncherSection(_Section):

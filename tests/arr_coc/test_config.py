@@ -50,3 +50,12 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_partial_stage_override_keeps_that_stages_defaults():
+    defaults = load_config()
+    cfg = load_config(None, ["stages.stage1.max_steps=10", "stages.stage0.max_steps=5"])
+    assert cfg.stages.stage1.max_steps == 10
+    assert cfg.stages.stage1.lr == defaults.stages.stage1.lr
+    assert cfg.stages.stage0.budget == defaults.stages.stage0.budget
+    assert cfg.stages.stage0.lr == defaults.stages.stage0.lr
