@@ -182,11 +182,45 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(child)
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its checkpoints pickle besides tensors and builtins."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make the engine read its checkpoint files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's stock ``TorchCheckpointEngine.load`` unpickles arbitrary objects
+    (``weights_only=False``); a checkpoint directory is not trusted input, so loading is
+    restricted to tensors, builtins and an explicit allowlist of DeepSpeed's own classes.
+    Saving is unchanged.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    stock = engine.checkpoint_engine
+    if not isinstance(stock, TorchCheckpointEngine) or getattr(stock, "weights_only", False):
+        return
+    allowed = _deepspeed_safe_globals()
+
+    def load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    stock.load = load
+    stock.weights_only = True
+
+
 def load(engine, checkpoint: Checkpoint, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore engine (weights, optimizer, scheduler) from a committed checkpoint.
 
-    Returns ``(client_state, rank_state)``; the caller restores loader and RNG.
+    Returns ``(client_state, rank_state)``; the caller restores loader and RNG. Every file is
+    read with ``weights_only=True`` (see ``use_weights_only_loading``).
     """
+    use_weights_only_loading(engine)
     load_path, client_state = engine.load_checkpoint(
         str(checkpoint.path.parent),
         tag=checkpoint.path.name,

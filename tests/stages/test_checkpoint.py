@@ -80,3 +80,22 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(toy, helpers):
     assert [c.step for c in ckpt.committed(root)] == [4, 6]  # step 4 rewritten and committed
     weights = toy.weights("kill-in-write")
     assert set(weights) == {"allocator.0.weight", "allocator.0.bias", "head.weight", "head.bias"}
+
+
+class _NotAWeight:
+    """A global that ``weights_only`` unpickling must refuse."""
+
+
+@pytest.mark.integration
+def test_resume_reads_deepspeed_files_weights_only(toy, tmp_path):
+    sets = ["stages.stage1.max_steps=2", "stages.stage1.checkpoint_every=2"]
+    first = toy.run("tampered", sets)
+    assert first.returncode == 0, first.stderr[-2000:]
+    step = ckpt.latest(toy.stage_dir("tampered") / "checkpoints")
+    model_file = next(step.path.glob("*model_states.pt"))
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    state["planted"] = _NotAWeight()  # what a doctored checkpoint could carry
+    torch.save(state, model_file)
+    resumed = toy.run("tampered", [*sets, "stages.stage1.max_steps=2"])
+    assert resumed.returncode != 0
+    assert "weights_only" in resumed.stderr or "Unsupported global" in resumed.stderr
