@@ -45,7 +45,7 @@ CATEGORY_IDS: dict[str, int] = {shape: 3 * i + 2 for i, shape in enumerate(SHAPE
 QUESTION_TYPES = {"color": "what color is the", "exists": "is there a", "where": "where is the", "count": "how many"}
 ANSWER_TYPES = {"color": "other", "exists": "yes/no", "where": "other", "count": "number"}
 
-_HARD_SCENE_PROB = 0.35
+_HARD_SCENE_PROB = 0.6
 _EMPTY_SCENE_PROB = 0.03
 _PNG_PROB = 0.25
 _QUESTIONS_PER_IMAGE = 3
@@ -116,6 +116,17 @@ def _blend(a: tuple[int, int, int], b: tuple[int, int, int], t: float) -> tuple[
     return tuple(int(round(x * (1 - t) + y * t)) for x, y in zip(a, b))  # type: ignore[return-value]
 
 
+def scene_shapes(rng: random.Random) -> list[str]:
+    """The shapes of one scene: a repeated shape (1-4 copies, uniform) and 1-2 other shapes
+    once each, shuffled. "How many" asks about the repeated shape, so its answers spread
+    evenly over 1..4; the shapes present once carry the colour questions."""
+    repeated = rng.choice(SHAPES)
+    others = rng.sample([s for s in SHAPES if s != repeated], rng.randint(1, 2))
+    shapes = [repeated] * rng.randint(1, 4) + others
+    rng.shuffle(shapes)
+    return shapes
+
+
 def make_scene(rng: random.Random, size: int) -> Scene:
     """Random objects and background; a hard scene gets one or more of the hard-case flags."""
     grey = rng.randrange(95, 165)
@@ -126,8 +137,10 @@ def make_scene(rng: random.Random, size: int) -> Scene:
     if rng.random() < _HARD_SCENE_PROB:
         hard = {flag for flag in HARD_FLAGS if rng.random() < 0.5} or {rng.choice(HARD_FLAGS)}
     objects: list[SceneObject] = []
-    for index in range(rng.randint(1, 5)):
-        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    shapes = scene_shapes(rng)
+    # Distinct colours (same-colour pairs are the "same_color_distractor" hard case only),
+    # so a colour names one object and an absent colour is always available for "no".
+    for index, (shape, color) in enumerate(zip(shapes, rng.sample(list(COLORS), len(shapes)))):
         small = "small" in hard and index == 0
         w, h = _box_size(rng, shape, size, small)
         box = _place(rng, objects, w, h, size)
@@ -203,19 +216,31 @@ def _distractor_flag(target: SceneObject, objects: list[SceneObject]) -> set[str
     return {"same_color_distractor"} if same else set()
 
 
-def _question_candidates(scene: Scene, size: int) -> list[tuple[str, str, str, set[str]]]:
-    """(kind, question, canonical answer, hard flags) for every question that has one clear answer."""
+def _question_candidates(rng: random.Random, scene: Scene, size: int) -> list[tuple[str, str, str, set[str]]]:
+    """(kind, question, canonical answer, hard flags) for every question that has one clear answer.
+
+    Built so that no answer can be guessed from the question text alone:
+
+    * colour: only about a shape present exactly once (colours are drawn uniformly);
+    * where: only about a colour+shape present once whose side is clear;
+    * exists: "yes" names a present object, "no" names a present shape in a random colour
+      absent from the image, so both cases mention a shape in the image and only the
+      colour decides (``pick_questions`` then draws yes and no with equal odds);
+    * count: about the scene's most frequent shape (the repeated one, 1-4 copies).
+    """
     objs = scene.objects
     by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
     out: list[tuple[str, str, str, set[str]]] = []
     for shape, found in by_shape.items():
-        text = QUESTION_TEMPLATES["count"].format(shapes=plural(shape))
-        flags = set().union(*(o.flags - {"same_color_distractor"} for o in found)) if found else set()
-        out.append(("count", text, str(len(found)), flags))
         if len(found) == 1:
             obj = found[0]
             flags = (obj.flags - {"same_color_distractor"}) | _distractor_flag(obj, objs)
             out.append(("color", QUESTION_TEMPLATES["color"].format(shape=shape), obj.color, flags))
+    most = max((len(found) for found in by_shape.values()), default=0)
+    if most:
+        shape = rng.choice([s for s, found in by_shape.items() if len(found) == most])
+        flags = set().union(*(o.flags - {"same_color_distractor"} for o in by_shape[shape]))
+        out.append(("count", QUESTION_TEMPLATES["count"].format(shapes=plural(shape)), str(most), flags))
     for obj in objs:
         twins = [o for o in objs if o.shape == obj.shape and o.color == obj.color]
         flags = (obj.flags - {"same_color_distractor"}) | _distractor_flag(obj, objs)
@@ -224,33 +249,39 @@ def _question_candidates(scene: Scene, size: int) -> list[tuple[str, str, str, s
         if len(twins) == 1 and where is not None:
             text = QUESTION_TEMPLATES["where"].format(color=obj.color, shape=obj.shape)
             out.append(("where", text, where, flags))
-    present = {(o.color, o.shape) for o in objs}
-    for obj in objs:  # "no" questions about a present shape in another colour (needs the region)
-        for color in COLORS:
-            if (color, obj.shape) not in present:
-                text = QUESTION_TEMPLATES["exists"].format(color=color, shape=obj.shape)
-                out.append(("exists", text, "no", set()))
-                break
+    absent = [c for c in COLORS if all(o.color != c for o in objs)]
+    for shape in sorted({o.shape for o in objs}):  # "no": a present shape in a colour absent from the image
+        if absent:
+            text = QUESTION_TEMPLATES["exists"].format(color=rng.choice(absent), shape=shape)
+            out.append(("exists", text, "no", set()))
     if not objs:
-        shape, color = SHAPES[0], next(iter(COLORS))
-        out.append(("exists", QUESTION_TEMPLATES["exists"].format(color=color, shape=shape), "no", set()))
+        text = QUESTION_TEMPLATES["exists"].format(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES))
+        out.append(("exists", text, "no", set()))
     return out
 
 
+# Share of each question kind. Colour and position questions dominate: their answers
+# need the image region of one named object, which is what a query-aware allocator keeps.
+QUESTION_MIX: dict[str, float] = {"color": 0.35, "where": 0.3, "exists": 0.2, "count": 0.15}
+
+
 def pick_questions(rng: random.Random, scene: Scene, size: int, count: int) -> list[tuple[str, str, str, set[str]]]:
-    """Up to ``count`` distinct questions, preferring a mix of kinds."""
-    candidates = _question_candidates(scene, size)
-    rng.shuffle(candidates)
-    chosen, kinds, texts = [], set(), set()
-    for wanted_new_kind in (True, False):
-        for cand in candidates:
-            if len(chosen) == count:
-                break
-            if cand[1] in texts or (wanted_new_kind and cand[0] in kinds):
-                continue
+    """Up to ``count`` distinct questions: kinds drawn by ``QUESTION_MIX`` among those the
+    scene can ask, "exists" questions "yes" or "no" with equal odds."""
+    pools: dict[tuple[str, str], list[tuple[str, str, str, set[str]]]] = {}
+    for cand in _question_candidates(rng, scene, size):
+        group = (cand[0], cand[2] if cand[0] == "exists" else "")
+        pools.setdefault(group, []).append(cand)
+    chosen: list[tuple[str, str, str, set[str]]] = []
+    while len(chosen) < count and pools:
+        kinds = sorted({kind for kind, _ in pools})
+        kind = rng.choices(kinds, weights=[QUESTION_MIX[k] for k in kinds])[0]
+        group = rng.choice(sorted(g for g in pools if g[0] == kind))
+        cand = pools[group].pop(rng.randrange(len(pools[group])))
+        if not pools[group]:
+            del pools[group]
+        if all(cand[1] != c[1] for c in chosen):
             chosen.append(cand)
-            kinds.add(cand[0])
-            texts.add(cand[1])
     return chosen
 
 

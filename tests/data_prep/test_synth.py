@@ -87,7 +87,7 @@ def test_hard_flags_are_recorded_on_images_and_questions(tmp_path):
 
 def test_answers_match_the_pixels(tmp_path):
     """Colour answers are the colour drawn in the box; "where" answers match the box centre."""
-    generate(tmp_path, images=40, seed=8, image_size=96)
+    generate(tmp_path, images=120, seed=8, image_size=96)
     coco = _load(tmp_path, "instances_train.json")
     names = {c["id"]: c["name"] for c in coco["categories"]}
     images = {i["id"]: i for i in coco["images"]}
