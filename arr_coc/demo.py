@@ -46,7 +46,14 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    torch.set_grad_enabled(False)
+    # Scoped, not global: the handler also runs in-process (tests, notebooks).
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
     image, question = _input(args)
     artifact = Path(args.artifact) if args.artifact else None
     model, processor, budget, cfg, notes = _load(artifact, args.budget)
