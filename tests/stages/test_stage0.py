@@ -67,3 +67,33 @@ def test_stage0_base_learns_to_answer_and_exports_safetensors(root):
     first, last = log[:10], log[-10:]
     assert sum(e["loss"] for e in last) < 0.7 * sum(e["loss"] for e in first)
     assert all(e["tokens_kept"] == 64 for e in log)  # every image token: no allocator in stage 0
+
+
+def _blank(sample):
+    """The sample with its image replaced by a uniform grey one of the same size."""
+    from PIL import Image
+
+    return {**sample, "image": Image.new("RGB", sample["image"].size, (130, 130, 130))}
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    reason="known shortfall: the tiny base does not learn to read objects within the test curriculum's "
+    "stage-0 budget (real and blank images score the same; a single-object colour probe needs "
+    "thousands of samples); see the h6 report",
+    strict=False,
+)
+def test_stage0_base_uses_the_image(root):
+    """Held-out accuracy with the real images beats the same questions on blank grey images.
+
+    The synthetic questions carry no text-only shortcut (answers balanced per question
+    kind, see data_prep.synth), so the gap is what the base reads from the pixels."""
+    art = artifact(root, "stage0")
+    task = fresh_task(root, "stage0")
+    hf_model, processor = load_vlm(task.ctx.cfg.model, base_dir=art / "base")
+    model = ARRCOCQwen(hf_model, task.ctx.cfg.allocator)
+    samples = read_samples(task.paths.vqav2, "val", 144)
+    kwargs = dict(budget=None, batch_size=16, max_new_tokens=4, device=torch.device("cpu"))
+    real = vqa_accuracy(model, processor, samples, **kwargs)
+    blank = vqa_accuracy(model, processor, [_blank(s) for s in samples], **kwargs)
+    assert real > blank + 0.08, (real, blank)
