@@ -46,7 +46,6 @@ QUESTION_TYPES = {"color": "what color is the", "exists": "is there a", "where":
 ANSWER_TYPES = {"color": "other", "exists": "yes/no", "where": "other", "count": "number"}
 
 _HARD_SCENE_PROB = 0.6
-BACKGROUND = (128, 128, 128)
 _EMPTY_SCENE_PROB = 0.03
 _PNG_PROB = 0.25
 _QUESTIONS_PER_IMAGE = 3
@@ -130,9 +129,8 @@ def scene_shapes(rng: random.Random) -> list[str]:
 
 def make_scene(rng: random.Random, size: int) -> Scene:
     """Random objects and background; a hard scene gets one or more of the hard-case flags."""
-    # One background grey for every scene (only low-contrast hard cases tint it): a varying
-    # background drowns the few object tokens, and the tiny base then never learns to look.
-    background = BACKGROUND
+    grey = rng.randrange(95, 165)
+    background = (grey, grey + rng.randrange(-10, 11), grey + rng.randrange(-10, 11))
     if rng.random() < _EMPTY_SCENE_PROB:
         return Scene(background, [])
     hard = set()
