@@ -7,10 +7,11 @@
     out_dir/questions_{train,val}.json                      VQAv2 questions
     out_dir/annotations_{train,val}.json                    VQAv2 annotations (10 answers each)
 
-and returns a summary (paths and counts). A scene holds shapes of several kinds,
-colours, sizes and positions (overlaps allowed, never hiding an object). Questions ask
-for the colour of a named shape, whether a coloured shape exists, where it is
-(left/right/top/bottom), and how many of a shape there are. Some scenes are hard: small
+and returns a summary (paths and counts). A scene holds one shape repeated 1-4 times and
+1-2 other shapes, in distinct colours, sizes and positions (overlaps allowed, never hiding
+an object). Questions ask for the colour of a named shape, whether a coloured shape exists,
+where it is (left/right/top/bottom), and how many of the repeated shape there are, mixed by
+``QUESTION_MIX`` and built so the question text alone does not give the answer away. Some scenes are hard: small
 objects, low contrast against the background, distractors of the same colour; the flags
 sit in an extra ``"hard"`` list on the COCO image entry and on each VQAv2 question.
 Answers carry annotator noise ("Yes", "two", "on the left") so the official normalisation
