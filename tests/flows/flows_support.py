@@ -91,6 +91,8 @@ class PrefectServer:
         self.url = f"http://127.0.0.1:{port}"
         self.api_url = f"{self.url}/api"
         self.env = quiet_env(home, self.api_url)
+        # The UI asks this URL for the API (default :4200): point it at this server's port.
+        self.env["PREFECT_UI_API_URL"] = self.api_url
 
 
 def write_tiny_config(path: Path, root: Path, name: str = "tiny-test") -> Path:

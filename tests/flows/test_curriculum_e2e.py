@@ -79,7 +79,8 @@ def test_failed_stage_resumes_and_earlier_stages_are_skipped(tiny_config, tmp_pa
     failed = curriculum(tiny_config, home, *common, env_extra={"ARR_COC_FAIL_AT": "stage1:step2"})
     output = failed.stdout + failed.stderr
     assert failed.returncode == 1, output[-3000:]
-    assert "injected fault at stage1:step2" in failed.stderr.strip().splitlines()[-1]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "injected fault at stage1:step2" in errors[0]
     assert launched(output) == ["stage0", "stage1"]
     checkpoints = tiny_config.parent / "runs" / "tiny-test" / "stage1" / "checkpoints"
     assert (checkpoints / "step-2").is_dir()
