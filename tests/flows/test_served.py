@@ -74,6 +74,19 @@ def wait_for_run(api, flow_run_id, timeout=RUN_TIMEOUT):
     raise TimeoutError(f"flow run {flow_run_id} still {run['state']['type']}")
 
 
+def _ui_created_run(api, deployment_id: str, run_name: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = api.post(
+            "/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+        ).json()
+        for run in runs:
+            if run["parameters"].get("run_name") == run_name:
+                return run["id"]
+        time.sleep(1)
+    raise AssertionError(f"no flow run with run_name={run_name!r} was created from the UI")
+
+
 def run_logs(api, flow_run_id) -> str:
     logs = api.post(
         "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
@@ -94,7 +107,7 @@ def test_deployments_carry_schema_schedule_and_concurrency(served):
     assert schedule["schedule"]["timezone"] == "Europe/Berlin"
     assert nightly["parameters"]["run_name"] == "nightly-{date}"
     assert nightly["parameters"]["config"].endswith("tiny-test.yaml")  # --param applies to all
-    assert nightly["concurrency_limit"] == 1
+    assert nightly["global_concurrency_limit"]["limit"] == 1  # `concurrency_limit` is deprecated (always None)
     assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     single = deployment(api, "stage", "stage")
     assert "name" in single["parameter_openapi_schema"]["required"]
@@ -133,15 +146,19 @@ def test_ui_custom_run_with_a_changed_parameter(served, prefect_server):
         page.goto(f"{prefect_server.url}/deployments")
         page.get_by_role("link", name="curriculum", exact=True).first.click()
         page.wait_for_url(f"**/deployments/deployment/{manual['id']}**")
-        page.get_by_role("button", name="Run").first.click()
+        page.get_by_role("button", name="Run", exact=True).first.click()
+        page.screenshot(path=str(SCREENSHOTS / "prefect-ui-run-menu.png"), full_page=True)
         page.get_by_text("Custom run").click()
         page.wait_for_url("**/run**")
-        field = page.get_by_label("run_name")
+        # Optional parameters start as None: switch run_name (the third str|None toggle) to str.
+        page.get_by_role("button", name="str", exact=True).nth(2).click()
+        block = page.locator(".schema-form-property-any-of-input", has_text="run_name (Optional)")
+        field = block.locator("textarea").first
         field.fill("ui-run")
         page.screenshot(path=str(SCREENSHOTS / "prefect-ui-custom-run.png"), full_page=True)
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url("**/flow-runs/flow-run/**")
-        flow_run_id = page.url.rstrip("/").split("/")[-1]
+        # The UI returns to the deployment page and shows the new run there; find it by API.
+        flow_run_id = _ui_created_run(api, manual["id"], "ui-run")
         run = wait_for_run(api, flow_run_id)
         page.reload()
         page.get_by_text("Completed").first.wait_for()
