@@ -88,10 +88,17 @@ def _ui_created_run(api, deployment_id: str, run_name: str, timeout: float = 60.
 
 
 def run_logs(api, flow_run_id) -> str:
-    logs = api.post(
-        "/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}
-    ).json()
-    return "\n".join(entry["message"] for entry in logs)
+    """Every log line of the run, in order (the API pages at 200)."""
+    lines: list[str] = []
+    while True:
+        page = api.post(
+            "/logs/filter",
+            json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                  "limit": 200, "offset": len(lines)},
+        ).json()
+        lines += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return "\n".join(lines)
 
 
 def test_deployments_carry_schema_schedule_and_concurrency(served):
@@ -126,7 +133,11 @@ def test_run_created_through_the_api_like_the_ui(served):
     assert run["state"]["type"] == "COMPLETED", run_logs(api, run["id"])[-3000:]
     assert run["parameters"]["stop_after"] == "stage0"
     assert (root / "runs" / "api-run" / "stage0" / "artifact" / "metrics.json").is_file()
-    assert "stage0: ran" in run_logs(api, run["id"])
+    # Logs reach the server in batches, possibly after the run's final state: wait a little.
+    deadline = time.monotonic() + 30
+    while "stage0: ran" not in (logs := run_logs(api, run["id"])) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "stage0: ran" in logs
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium missing (make browser)")
