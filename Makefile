@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint browser bench clean
+.PHONY: venv demo curriculum test test-fast lint browser bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ browser:
 
 demo: venv
 	$(VENV)/bin/arr-coc demo --out runs/demo/heatmap.png
+
+# The whole tiny curriculum (shard → stage 0–3 → report → register) on CPU.
+curriculum: venv
+	$(VENV)/bin/arr-coc curriculum --config configs/tiny.yaml
 
 lint: venv
 	$(VENV)/bin/ruff check .
