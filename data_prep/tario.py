@@ -24,11 +24,27 @@ from arr_coc.errors import DataError
 IMAGE_EXTENSIONS = ("jpg", "png")
 
 
+_TAR_BLOCK = 512
+
+
+def _check_complete(stream, url: str) -> None:
+    """A finished tar ends in two zero blocks. A file cut at a member boundary reads cleanly to
+    its end with tarfile's stream reader, so without this check it would pass as a short shard."""
+    size = stream.seek(0, 2)
+    if size < 2 * _TAR_BLOCK or size % _TAR_BLOCK:
+        raise DataError(f"{url}: truncated or corrupt shard ({size} bytes is not a whole tar)")
+    stream.seek(size - 2 * _TAR_BLOCK)
+    if stream.read(2 * _TAR_BLOCK).strip(b"\0"):
+        raise DataError(f"{url}: truncated or corrupt shard (no end-of-archive marker)")
+    stream.seek(0)
+
+
 def iter_shard(path: str | Path) -> Iterator[dict]:
     """Raw samples of one shard in stored order; errors name the shard."""
     url = str(path)
     try:
         with open(url, "rb") as stream:
+            _check_complete(stream, url)
             files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
             yield from tariterators.group_by_keys(files)
     except FileNotFoundError:

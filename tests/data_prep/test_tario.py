@@ -29,3 +29,21 @@ def test_unreadable_shards_and_samples_name_the_file(tmp_path):
     raw = {"__key__": "k2", "__url__": "s.tar", "png": (tmp_path / "ok.png").read_bytes(), "json": b"{oops"}
     with pytest.raises(DataError, match="s.tar: sample 'k2' has no valid json"):
         decode_sample(raw)
+
+
+def test_shard_cut_at_a_member_boundary_is_reported(tmp_path):
+    import tarfile
+
+    import webdataset as wds
+
+    shard = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"s{i}", "json": b'{"i": %d}' % i, "txt": b"x" * 700})
+    assert len(list(iter_shard(shard))) == 3  # the whole shard reads
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    boundary = members[2].offset  # header of the second sample's first file: a clean cut
+    shard.write_bytes(shard.read_bytes()[:boundary])
+    with pytest.raises(DataError, match="train-000000.tar: truncated or corrupt shard"):
+        list(iter_shard(shard))
