@@ -77,6 +77,10 @@ def _curriculum(args: argparse.Namespace) -> int:
     # Without PREFECT_API_URL Prefect starts an embedded server; on a busy laptop or CI box
     # it needs longer than Prefect's 20 s default to come up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The embedded server's telemetry heartbeat phones home: offline it fails with an ERROR
+    # traceback in the run's output and contends for the fresh sqlite database. Opt in by
+    # setting PREFECT_SERVER_ANALYTICS_ENABLED=true.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.curriculum import curriculum
 
     result = curriculum(
