@@ -82,6 +82,9 @@ def _curriculum(args: argparse.Namespace) -> int:
     # setting PREFECT_SERVER_ANALYTICS_ENABLED=true.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.curriculum import curriculum
+    from flows.tracking import warm_store
+
+    warm_store(plan.cfg)  # MLflow's store migrations overlap the Prefect server's start-up
 
     result = curriculum(
         config=str(plan.config_path),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -40,11 +41,45 @@ def experiment_id(cfg: RunConfig) -> str:
     return client.create_experiment(cfg.mlflow.experiment, artifact_location=location)
 
 
+_store_warmups: dict[str, threading.Thread] = {}
+
+
+def warm_store(cfg: RunConfig) -> None:
+    """Create the tracking store and experiment in a background thread.
+
+    A new sqlite store runs MLflow's schema migrations (seconds). The CLI calls this before
+    the flow starts, so they overlap with the embedded Prefect server's start-up;
+    ``start_parent_run`` waits for it. Errors are left for ``start_parent_run`` to raise
+    with the real call's context.
+    """
+    uri = tracking_uri(cfg)
+    if uri in _store_warmups:
+        return
+
+    def create() -> None:
+        try:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            experiment_id(cfg)
+        except Exception:  # noqa: BLE001 - reported by start_parent_run
+            pass
+
+    thread = threading.Thread(target=create, name="mlflow-store-warmup", daemon=True)
+    _store_warmups[uri] = thread
+    thread.start()
+
+
+def _wait_for_store(cfg: RunConfig) -> None:
+    thread = _store_warmups.pop(tracking_uri(cfg), None)
+    if thread is not None:
+        thread.join()
+
+
 def start_parent_run(cfg: RunConfig, flow_run_id: str | None = None) -> str:
     """Start (or re-open) the curriculum's parent run; returns its id."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
+    _wait_for_store(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     client = _client(cfg)
     record = cfg.run_dir / PARENT_FILE

@@ -78,9 +78,9 @@ def _blank(sample):
 
 @pytest.mark.integration
 @pytest.mark.xfail(
-    reason="known shortfall: the tiny base does not learn to read objects within the test curriculum's "
-    "stage-0 budget (real and blank images score the same; a single-object colour probe needs "
-    "thousands of samples)",
+    reason="known shortfall: the tiny base does not learn to pick the queried object out of several "
+    "within any CPU budget tried (up to 3000 steps x 16 samples: real 0.32 vs blank 0.29 first-token "
+    "accuracy), although with one object per scene it learns colours in 300 steps (0.80 vs 0.12 blank)",
     strict=False,
 )
 def test_stage0_base_uses_the_image(root):
