@@ -174,6 +174,8 @@ class StageSection(_Section):
     """Share of normal data mixed into the hard set (stage 3)."""
     hard_fraction: float = 0.3
     """Hardest share of the pool kept by mining."""
+    caption_fraction: float = 0.0
+    """Share of each batch that is a caption of a COCO-shard image (stage 0 warm-up)."""
 
     @model_validator(mode="after")
     def _check(self) -> StageSection:
@@ -186,6 +188,8 @@ class StageSection(_Section):
             raise ValueError("lr must be > 0")
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError("replay_fraction must be in [0, 1)")
+        if not 0.0 <= self.caption_fraction < 1.0:
+            raise ValueError("caption_fraction must be in [0, 1)")
         if not 0.0 < self.hard_fraction <= 1.0:
             raise ValueError("hard_fraction must be in (0, 1]")
         return self
@@ -194,7 +198,7 @@ class StageSection(_Section):
 # Per-stage defaults that differ from StageSection's. A YAML/--set value for a stage is merged
 # over these, so `--set stages.stage1.max_steps=10` keeps stage 1's own lr.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "stage0": {"max_steps": 200, "lr": 3e-3, "budget": 64},
+    "stage0": {"max_steps": 200, "lr": 3e-3, "budget": 64, "caption_fraction": 0.5},
     "stage1": {"lr": 3e-3},
     "stage2": {"lr": 1e-3},
     "mine": {"max_steps": 1},

@@ -103,13 +103,16 @@ def read_coco(annotations: str | Path, images_dir: str | Path) -> tuple[list[dic
         if category_id not in category_names:
             skipped.append({"record": f"annotation {ann_id}", "reason": f"unknown category_id {category_id}"})
             continue
-        objects[image_id].append({
+        obj = {
             "id": ann_id,
             "category": category_names[category_id],
             "bbox": ann.get("bbox"),
             "iscrowd": bool(ann.get("iscrowd", 0)),
             "area": ann.get("area"),
-        })
+        }
+        if isinstance(ann.get("color"), str):  # an attribute some sources carry (the synthetic scenes do)
+            obj["color"] = ann["color"]
+        objects[image_id].append(obj)
     records = []
     for image_id in sorted(by_id, key=_sort_key):
         image = by_id[image_id]

@@ -204,12 +204,52 @@ def _area(obj: SceneObject) -> float:
 def _where(obj: SceneObject, size: int) -> str | None:
     """left/right/top/bottom by the larger offset from the centre; None when unclear."""
     cx, cy = obj.center
+    return side_of(cx, cy, size)
+
+
+def side_of(cx: float, cy: float, size: float) -> str | None:
+    """The side of a ``size``-square image a point lies on, or None near the centre/diagonals."""
     dx, dy = cx - size / 2, cy - size / 2
     if max(abs(dx), abs(dy)) < 0.15 * size or abs(abs(dx) - abs(dy)) < 0.08 * size:
         return None
     if abs(dx) > abs(dy):
         return "right" if dx > 0 else "left"
     return "bottom" if dy > 0 else "top"
+
+
+# Stage 0's caption task: the question and an answer naming every object.
+CAPTION_QUESTION = "what is in the image?"
+
+
+def describe(objects: list[dict], width: int, height: int) -> str | None:
+    """A caption of a sharded COCO record's objects: ``"red circle left . blue square top . ..."``.
+
+    Objects are named top band to bottom band, left to right within a band: colour (when the
+    object carries one), category, and side of the image (when clear). None without objects.
+    A caption supervises every object of the scene at once, where a VQA answer names one;
+    the tiny base learns to read objects from it much sooner (see stages.stage0).
+    """
+    if not objects:
+        return None
+    size = max(width, height)
+
+    def centre(obj: dict) -> tuple[float, float]:
+        x, y, w, h = obj["bbox"]
+        return (x + w / 2) * size / width, (y + h / 2) * size / height
+
+    def order(obj: dict) -> tuple[int, float]:
+        cx, cy = centre(obj)
+        return int(3 * cy // size), cx
+
+    parts = []
+    for obj in sorted(objects, key=order):
+        words = [obj["color"]] if obj.get("color") else []
+        words.append(obj["category"])
+        side = side_of(*centre(obj), size)
+        if side:
+            words.append(side)
+        parts.append(" ".join(words))
+    return " . ".join(parts)
 
 
 def _distractor_flag(target: SceneObject, objects: list[SceneObject]) -> set[str]:

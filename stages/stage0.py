@@ -4,7 +4,13 @@ from a base that can answer, as a pretrained Qwen-VL would.
 Every image token reaches the language model (budget ``None``: the allocator is not
 used), the whole VLM (vision encoder and language model) is trained with answer-token
 cross-entropy, and the result is exported with ``arr_coc.tiny.save_vlm`` to
-``artifact/base/``. A production config (``model.source`` a real checkpoint) has a
+``artifact/base/``.
+
+A share of each batch (``caption_fraction``) are captions of the COCO-shard images ("what is
+in the image?" -> "red circle left . blue square top ..."), as real VLMs are aligned on
+captions before instruction data. From VQA answers alone the from-scratch base learns the
+answer priors and stalls there: a caption names every object, so it teaches reading objects
+from image tokens, which the questions then use. A production config (``model.source`` a real checkpoint) has a
 pretrained base already: the task refuses with a ConfigError instead of retraining it.
 """
 
@@ -15,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from arr_coc.errors import ConfigError
+from data_prep.synth import CAPTION_QUESTION, describe
 from stages import common
 from stages.base import StageContext, StageTask
 from stages.data import ensure_data, read_samples, shard_urls
@@ -37,6 +44,45 @@ def vqa_loader(ctx: StageContext, shard_dir: Path, split: str = "train", batch_s
     )
 
 
+def caption_items(meta: dict) -> list[dict]:
+    """One caption item per COCO record with objects (an empty scene has nothing to name)."""
+    caption = describe(meta.get("objects") or [], meta["width"], meta["height"])
+    return [] if caption is None else [{"caption": caption}]
+
+
+def as_caption_sample(sample: dict) -> dict:
+    return {"__key__": sample["__key__"], "image": sample["image"],
+            "json": {"question": CAPTION_QUESTION, "answer": sample["caption"]}}
+
+
+class WarmupLoader:
+    """Batches of VQA items followed by caption items, each from its own shard loader.
+
+    The state is the two loaders' states, so resume is exact."""
+
+    def __init__(self, vqa, captions=None):
+        self.vqa, self.captions = vqa, captions
+
+    def __iter__(self):
+        vqa = iter(self.vqa)
+        captions = iter(self.captions) if self.captions is not None else None
+        while True:
+            yield list(next(vqa)) + (list(next(captions)) if captions is not None else [])
+
+    def state_dict(self) -> dict:
+        return {"vqa": self.vqa.state_dict(), "captions": self.captions.state_dict() if self.captions else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vqa.load_state_dict(state["vqa"])
+        if self.captions is not None:
+            self.captions.load_state_dict(state["captions"])
+
+
+def caption_count(batch_size: int, caption_fraction: float) -> int:
+    """Caption items per batch; at least one VQA item stays."""
+    return min(batch_size - 1, round(batch_size * caption_fraction))
+
+
 class Stage0Task(StageTask):
     def __init__(self, ctx: StageContext):
         super().__init__(ctx)
@@ -55,7 +101,24 @@ class Stage0Task(StageTask):
         return model
 
     def train_loader(self):
-        return vqa_loader(self.ctx, self.paths.vqav2)
+        from data_prep.loader import ShardLoader
+
+        stage = self.ctx.stage
+        n_captions = caption_count(stage.batch_size, stage.caption_fraction)
+        vqa = vqa_loader(self.ctx, self.paths.vqav2, batch_size=stage.batch_size - n_captions)
+        if not n_captions:
+            return WarmupLoader(vqa)
+        captions = ShardLoader(
+            shard_urls(self.paths.coco, "train"),
+            batch_size=n_captions,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            num_workers=0,
+            seed=self.ctx.cfg.seed,
+            expand=caption_items,
+            transform=as_caption_sample,
+        )
+        return WarmupLoader(vqa, captions)
 
     def training_step(self, model, batch):
         inputs = common.vqa_inputs(self.processor, batch, self.ctx.device, with_answers=True)

@@ -117,3 +117,16 @@ def test_answers_match_the_pixels(tmp_path):
         dx, dy = box[0] + box[2] / 2 - 48, box[1] + box[3] / 2 - 48
         expected = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("bottom" if dy > 0 else "top")
         assert anns[q["question_id"]]["multiple_choice_answer"] == expected
+
+
+def test_describe_names_objects_by_band_then_left_to_right():
+    from data_prep.synth import describe
+
+    objects = [
+        {"category": "square", "bbox": [160, 10, 40, 40], "color": "blue"},   # top band, right
+        {"category": "circle", "bbox": [10, 110, 30, 30], "color": "red"},    # middle band, left
+        {"category": "cross", "bbox": [100, 12, 30, 30]},                     # top band, no colour
+        {"category": "ring", "bbox": [113, 113, 30, 30], "color": "white"},   # centre: no side
+    ]
+    assert describe(objects, 256, 256) == "cross top . blue square top . red circle left . white ring"
+    assert describe([], 256, 256) is None

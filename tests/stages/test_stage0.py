@@ -16,7 +16,7 @@ from stages.base import StageContext
 from stages.common import read_lineage
 from stages.data import read_samples
 from stages.evaluate import vqa_accuracy
-from stages.stage0 import Stage0Task
+from stages.stage0 import Stage0Task, caption_count
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,38 @@ def test_production_config_refuses_stage0(tmp_path):
     with pytest.raises(ConfigError, match="stages.stage0"):
         Stage0Task(ctx)
     assert not (cfg.run_dir / "data").exists()  # refused before generating any data
+
+
+def test_caption_count_keeps_a_vqa_item():
+    assert caption_count(4, 0.5) == 2
+    assert caption_count(4, 0.0) == 0
+    assert caption_count(2, 0.9) == 1
+    assert caption_count(1, 0.5) == 0
+
+
+@pytest.mark.integration
+def test_warmup_batches_mix_vqa_and_captions_and_resume_exactly(root):
+    from arr_coc.tiny import build_tiny_tokenizer
+    from data_prep.synth import CAPTION_QUESTION
+
+    task = fresh_task(root, "stage0", ["stages.stage0.batch_size=4", "stages.stage0.caption_fraction=0.5"])
+    loader = task.train_loader()
+    batches = iter(loader)
+    first = next(batches)
+    questions = [s["json"]["question"] for s in first]
+    assert questions[2:] == [CAPTION_QUESTION] * 2 and CAPTION_QUESTION not in questions[:2]
+    tokenizer = build_tiny_tokenizer()
+    for sample in first[2:]:
+        ids = tokenizer(sample["json"]["answer"], add_special_tokens=False)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, sample["json"]["answer"]
+        assert any(color in sample["json"]["answer"] for color in ("red", "green", "blue", "yellow", "purple",
+                                                                   "orange", "white", "black"))
+    state = loader.state_dict()
+    expected = [[s["__key__"] for s in next(batches)] for _ in range(3)]
+    resumed = task.train_loader()
+    resumed.load_state_dict(state)
+    again = iter(resumed)
+    assert [[s["__key__"] for s in next(again)] for _ in range(3)] == expected
 
 
 @pytest.mark.integration
