@@ -198,7 +198,7 @@ class StageSection(_Section):
 # Per-stage defaults that differ from StageSection's. A YAML/--set value for a stage is merged
 # over these, so `--set stages.stage1.max_steps=10` keeps stage 1's own lr.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "stage0": {"max_steps": 200, "lr": 3e-3, "budget": 64, "caption_fraction": 0.5},
+    "stage0": {"max_steps": 200, "lr": 3e-3, "budget": 64},
     "stage1": {"lr": 3e-3},
     "stage2": {"lr": 1e-3},
     "mine": {"max_steps": 1},

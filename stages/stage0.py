@@ -6,11 +6,14 @@ used), the whole VLM (vision encoder and language model) is trained with answer-
 cross-entropy, and the result is exported with ``arr_coc.tiny.save_vlm`` to
 ``artifact/base/``.
 
-A share of each batch (``caption_fraction``) are captions of the COCO-shard images ("what is
-in the image?" -> "red circle left . blue square top ..."), as real VLMs are aligned on
-captions before instruction data. From VQA answers alone the from-scratch base learns the
-answer priors and stalls there: a caption names every object, so it teaches reading objects
-from image tokens, which the questions then use. A production config (``model.source`` a real checkpoint) has a
+Optionally a share of each batch (``caption_fraction``, default 0) are captions of the
+COCO-shard images ("what is in the image?" -> "red circle left . blue square top ..."), as
+real VLMs are aligned on captions before instruction data. From VQA answers alone the
+from-scratch base learns the answer priors and stalls there; a caption names every object.
+Measured: in a probe on 3000 scenes, half-caption batches of 16 reached 0.34 first-token
+accuracy with real images vs 0.27 with blank ones after 800 steps (VQA only: no gap); on the
+tiny default scaled to 1000 scenes, 600 such steps gave no gap yet (0.363 vs 0.361 generated-
+answer accuracy on 144 held-out questions), so it is not on by default. A production config (``model.source`` a real checkpoint) has a
 pretrained base already: the task refuses with a ConfigError instead of retraining it.
 """
 
