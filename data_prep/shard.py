@@ -322,7 +322,8 @@ def _clip_objects(objects: list[dict], width: int, height: int, boxes: dict, dro
                 clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
                 boxes["clipped" if clipped else "kept"] += 1
                 kept.append({"category": obj["category"], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                             "iscrowd": obj["iscrowd"], "area": obj.get("area"), "id": obj.get("id")})
+                             "iscrowd": obj["iscrowd"], "area": obj.get("area"), "id": obj.get("id"),
+                             **({"color": obj["color"]} if "color" in obj else {})})
                 continue
         boxes["dropped"] += 1
         dropped.append({"record": f"annotation {obj.get('id')} (image {image_id})",
