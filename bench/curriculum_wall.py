@@ -59,7 +59,8 @@ def prefect_db_setup(work: Path) -> float:
     return time.perf_counter() - started
 
 
-def run(config: str, overrides: list[str], work: Path) -> dict:
+def run(config: str, overrides: list[str], work: Path) -> tuple[float, list[dict]]:
+    """The command's wall time and the stage rows of the run's report."""
     env = bench_env(work)
     command = [*arr_coc_command(), "curriculum", "--config", config, "--set", f"run.root={work / 'runs'}"]
     for item in overrides:
@@ -73,8 +74,7 @@ def run(config: str, overrides: list[str], work: Path) -> dict:
     summaries = list((work / "runs").glob("*/report/summary.json"))
     if len(summaries) != 1:
         raise SystemExit(f"expected one report/summary.json under {work / 'runs'}, found {len(summaries)}")
-    rows = json.loads(summaries[0].read_text())["stages"]
-    return {"total_s": total, "rows": rows, "stdout": proc.stdout}
+    return total, json.loads(summaries[0].read_text())["stages"]
 
 
 def figures(total: float, rows: list[dict]) -> dict:
@@ -108,8 +108,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="curriculum-wall-"))
     try:
         setup = prefect_db_setup(work)
-        measured = run(args.config, args.overrides, work)
-        result = figures(measured["total_s"], measured["rows"])
+        result = figures(*run(args.config, args.overrides, work))
         result["prefect_db_setup_s"] = setup
     finally:
         if args.keep:

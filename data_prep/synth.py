@@ -226,8 +226,8 @@ def describe(objects: list[dict], width: int, height: int) -> str | None:
 
     Objects are named top band to bottom band, left to right within a band: colour (when the
     object carries one), category, and side of the image (when clear). None without objects.
-    A caption supervises every object of the scene at once, where a VQA answer names one;
-    the tiny base learns to read objects from it much sooner (see stages.stage0).
+    A caption supervises every object of the scene at once, where a VQA answer names one
+    (stage 0's optional caption mix; its measured effect is in stages.stage0).
     """
     if not objects:
         return None

@@ -4,7 +4,8 @@ from a base that can answer, as a pretrained Qwen-VL would.
 Every image token reaches the language model (budget ``None``: the allocator is not
 used), the whole VLM (vision encoder and language model) is trained with answer-token
 cross-entropy, and the result is exported with ``arr_coc.tiny.save_vlm`` to
-``artifact/base/``.
+``artifact/base/``. A production config (``model.source`` a real checkpoint) has a
+pretrained base already: the task refuses with a ConfigError instead of retraining it.
 
 Optionally a share of each batch (``caption_fraction``, default 0) are captions of the
 COCO-shard images ("what is in the image?" -> "red circle left . blue square top ..."), as
@@ -13,8 +14,7 @@ from-scratch base learns the answer priors and stalls there; a caption names eve
 Measured: in a probe on 3000 scenes, half-caption batches of 16 reached 0.34 first-token
 accuracy with real images vs 0.27 with blank ones after 800 steps (VQA only: no gap); on the
 tiny default scaled to 1000 scenes, 600 such steps gave no gap yet (generated-answer accuracy
-0.308 real vs 0.324 blank on 144 held-out questions), so it is not on by default. A production config (``model.source`` a real checkpoint) has a
-pretrained base already: the task refuses with a ConfigError instead of retraining it.
+0.308 real vs 0.324 blank on 144 held-out questions), so it is not on by default.
 """
 
 from __future__ import annotations
