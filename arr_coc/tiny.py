@@ -12,6 +12,13 @@ Nothing is fetched at run time here, so the embedded default builds
 ``load_vlm`` returns the same ``(hf_model, VLProcessor)`` pair for the tiny model, a stage-0
 artifact (``save_vlm`` output) and a real ``from_pretrained`` checkpoint, so everything
 downstream runs one code path.
+
+``source: tiny-pretrained`` is the tiny analogue of a pretrained checkpoint: a stage-0 export
+shipped in ``arr_coc/assets/tiny-qwen3vl-synth`` (1.4 MB of safetensors, made by this
+project's own stage 0 on scenes of another seed than any test's; ``PROVENANCE.json`` holds
+the command, commit and measured figures). It loads through ``from_pretrained`` as a real
+checkpoint does, so runs that need a base which already reads the image (the stage 1-3
+learning tests, ``bench/budget_curve.py``) skip stage 0 exactly as production configs do.
 """
 
 from __future__ import annotations
@@ -60,6 +67,10 @@ IMAGE_STATS = {
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
 TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4)
+
+# The shipped stage-0 export (``model.source: tiny-pretrained``).
+PRETRAINED_SOURCE = "tiny-pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen3vl-synth"
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -124,8 +135,10 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfi
     vision = dict(TINY_VISION, patch_size=PATCH_SIZE[family], spatial_merge_size=MERGE_SIZE,
                   temporal_patch_size=TEMPORAL_PATCH_SIZE, out_hidden_size=text["hidden_size"])
     # Sections of M-RoPE split head_dim/2 = 8 frequencies over (t, h, w), as the real ratios do.
+    # rope_theta is scaled to the 16-wide heads: the real 5e6 (128-wide heads) leaves the width
+    # axis at most 0.02 rad per grid column here, nearly position-blind; 1e4 gives it 0.1.
     if family == "qwen3_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5_000_000.0,
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10_000.0,
                                    "mrope_section": [4, 2, 2], "mrope_interleaved": True}
         vision.update(num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
                       hidden_act="gelu_pytorch_tanh")
@@ -178,6 +191,10 @@ def load_vlm(model_section: ModelSection, base_dir: str | Path | None = None) ->
         if not any(base_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{base_dir}: no *.safetensors base weights (expected a save_vlm export)")
         return _from_pretrained(str(base_dir), model_section)
+    if model_section.source == PRETRAINED_SOURCE:
+        if not any(PRETRAINED_DIR.glob("*.safetensors")):
+            raise FileNotFoundError(f"{PRETRAINED_DIR}: the shipped tiny base is missing (a partial checkout?)")
+        return _from_pretrained(str(PRETRAINED_DIR), model_section)
     if model_section.source == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(model_section.family, seed=0, tokenizer=tokenizer)
