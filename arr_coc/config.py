@@ -37,7 +37,8 @@ class ModelSection(_Section):
     family: Literal["qwen3_vl", "qwen2_5_vl"] = "qwen3_vl"
     """Which Hugging Face model family the wrapper drives."""
     source: str = "tiny"
-    """``tiny`` builds the embedded offline model from a config; anything else is a
+    """``tiny`` builds the embedded offline model from a config (stage 0 warms it up);
+    ``tiny-pretrained`` loads the shipped stage-0 export (``arr_coc.tiny``); anything else is a
     local path or hub name passed to ``from_pretrained`` (nothing is fetched here)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype of the frozen VLM."""
@@ -55,6 +56,8 @@ class ModelSection(_Section):
     def _check(self) -> ModelSection:
         if self.image_size < 32:
             raise ValueError("image_size must be >= 32")
+        if self.source == "tiny-pretrained" and self.family != "qwen3_vl":
+            raise ValueError("source tiny-pretrained is a qwen3_vl model (set family: qwen3_vl)")
         return self
 
 
@@ -174,6 +177,8 @@ class StageSection(_Section):
     """Share of normal data mixed into the hard set (stage 3)."""
     hard_fraction: float = 0.3
     """Hardest share of the pool kept by mining."""
+    pool_samples: int = 0
+    """Training questions mining scores, the first ones in shard order (0: the whole split)."""
     caption_fraction: float = 0.0
     """Share of each batch that is a caption of a COCO-shard image (stage 0 warm-up)."""
 
@@ -190,6 +195,8 @@ class StageSection(_Section):
             raise ValueError("replay_fraction must be in [0, 1)")
         if not 0.0 <= self.caption_fraction < 1.0:
             raise ValueError("caption_fraction must be in [0, 1)")
+        if self.pool_samples < 0:
+            raise ValueError("pool_samples must be >= 0 (0: the whole training split)")
         if not 0.0 < self.hard_fraction <= 1.0:
             raise ValueError("hard_fraction must be in (0, 1]")
         return self

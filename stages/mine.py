@@ -4,7 +4,8 @@ No optimizer steps: ``MineTask.trains`` is False, so the runner builds the model
 calls ``evaluate`` (which scores the pool) and ``export`` (which writes the results),
 with no engine, loop or checkpoints; a re-run simply scores again.
 
-The pool is the training split of the VQAv2 shards. For every question the model's
+The pool is the training split of the VQAv2 shards (its first ``pool_samples`` questions
+when that is set, so mining time stays bounded on a large split). For every question the model's
 answer-token cross-entropy at budget K (``per_sample_loss``) and the VQA soft accuracy
 of its greedy answer at budget K are recorded. The hard set is the ``hard_fraction``
 of the pool with the highest loss plus every question the data flags as a hard case
@@ -99,7 +100,10 @@ class MineTask(VQATask):
             )
         }
         chunk: list[dict[str, Any]] = []
-        for sample in itertools.chain(iter_samples(self.paths.vqav2, "train"), [None]):  # None flushes
+        pool = iter_samples(self.paths.vqav2, "train")
+        if self.ctx.stage.pool_samples:
+            pool = itertools.islice(pool, self.ctx.stage.pool_samples)
+        for sample in itertools.chain(pool, [None]):  # None flushes
             if sample is not None:
                 chunk.append(sample)
             if chunk and (sample is None or len(chunk) == self.ctx.stage.batch_size):

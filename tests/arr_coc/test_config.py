@@ -34,6 +34,7 @@ def test_dotted_override_types(tmp_path):
         ("stages.stage1.budget=abc", "stages.stage1.budget"),
         ("stages.stage1.budget=0", "stages.stage1"),
         ("model.family=llama", "model.family"),
+        ("stages.mine.pool_samples=-1", "pool_samples"),
         ("nope=1", "nope"),
     ],
 )
@@ -41,6 +42,12 @@ def test_bad_key_or_type_names_the_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert key in str(info.value)
+
+
+def test_shipped_tiny_base_is_qwen3_vl_only():
+    assert load_config(None, ["model.source=tiny-pretrained"]).model.source == "tiny-pretrained"
+    with pytest.raises(ConfigError, match="tiny-pretrained"):
+        load_config(None, ["model.source=tiny-pretrained", "model.family=qwen2_5_vl"])
 
 
 def test_yaml_errors_name_the_file(tmp_path):
