@@ -81,3 +81,24 @@ def test_load_vlm_errors(tmp_path):
     batch = processor([Image.new("RGB", (300, 300))], ["find the bar."])
     _, h, w = batch["image_grid_thw"][0].tolist()
     assert h * 14 * w * 14 <= 128 * 128
+
+
+def test_shipped_base_matches_the_tiny_layout_and_its_provenance():
+    """The shipped stage-0 export loads with safetensors, speaks today's tiny vocabulary (a
+    vocabulary change makes it stale: remake it, see PROVENANCE.json) and is the file its
+    provenance record names."""
+    import hashlib
+    import json
+
+    from arr_coc.tiny import PRETRAINED_DIR, TINY_TEXT, TINY_VISION
+
+    model, processor = load_vlm(ModelSection(source="tiny-pretrained"))
+    assert not list(PRETRAINED_DIR.glob("*.bin")) and not list(PRETRAINED_DIR.glob("*.pt"))
+    assert processor.tokenizer.get_vocab() == build_tiny_tokenizer().get_vocab()
+    text, vision = model.config.text_config, model.config.vision_config
+    assert {k: getattr(text, k) for k in TINY_TEXT} == TINY_TEXT
+    assert {k: getattr(vision, k) for k in TINY_VISION} == TINY_VISION
+    provenance = json.loads((PRETRAINED_DIR / "PROVENANCE.json").read_text())
+    weights = (PRETRAINED_DIR / "model.safetensors").read_bytes()
+    assert hashlib.sha256(weights).hexdigest() == provenance["sha256"]["model.safetensors"]
+    assert provenance["config"]["seed"] != 0  # trained on other scenes than the tests' (seed 0)
