@@ -10,11 +10,14 @@ pretrained base already: the task refuses with a ConfigError instead of retraini
 Optionally a share of each batch (``caption_fraction``, default 0) are captions of the
 COCO-shard images ("what is in the image?" -> "red circle left . blue square top ..."), as
 real VLMs are aligned on captions before instruction data. From VQA answers alone the
-from-scratch base learns the answer priors and stalls there; a caption names every object.
-Measured: in a probe on 3000 scenes, half-caption batches of 16 reached 0.34 first-token
-accuracy with real images vs 0.27 with blank ones after 800 steps (VQA only: no gap); on the
-tiny default scaled to 1000 scenes, 600 such steps gave no gap yet (generated-answer accuracy
-0.308 real vs 0.324 blank on 144 held-out questions), so it is not on by default.
+from-scratch base learns the answer priors first and reads the image only slowly; a caption
+names every object. ``bench/stage0_recipes.py`` compares recipes side by side (real-image
+minus blank-image first-token accuracy on held-out questions; its docstring has the figures).
+
+A stage 0 short enough for a CPU test run (hundreds of samples) teaches the answer format
+but not reading the image. The shipped tiny base (``model.source: tiny-pretrained``, see
+``arr_coc.tiny``) is this stage's export after a long run of the same code with captions,
+and is what the stage 1-3 learning tests and ``bench/budget_curve.py`` start from.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ def test_mining_table_and_hard_shards(root):
     art = artifact(root, "mine")
     metrics = json.loads((art / "metrics.json").read_text())
     table = datasets.load_from_disk(str(art / HARD_TABLE_DIR))
-    pool = list(iter_samples(root / "tiny" / "data" / "shards" / "vqav2", "train"))
-    assert len(table) == len(pool) == metrics["pool_size"]
+    split = list(iter_samples(root / "tiny" / "data" / "shards" / "vqav2", "train"))
+    pool = split[: STAGE_SETTINGS["mine"]["pool_samples"]]  # the first questions in shard order
+    assert len(split) > len(pool) == len(table) == metrics["pool_size"]
     assert table["question_id"] == [s["json"]["question_id"] for s in pool]  # every pool sample once
     assert all(loss > 0 for loss in table["loss"])
     assert set(table["accuracy"]) <= {0.0, 1 / 3, 2 / 3, 1.0}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from curriculum_run import artifact, fresh_task
+from curriculum_run import artifact, config, fresh_task
 
 from arr_coc.config import load_config
 from arr_coc.errors import ConfigError
@@ -14,7 +14,7 @@ from arr_coc.qwen import ARRCOCQwen
 from arr_coc.tiny import load_vlm
 from stages.base import StageContext
 from stages.common import read_lineage
-from stages.data import read_samples
+from stages.data import ensure_data, read_samples
 from stages.evaluate import vqa_accuracy
 from stages.stage0 import Stage0Task, caption_count
 
@@ -101,6 +101,11 @@ def test_stage0_base_learns_to_answer_and_exports_safetensors(root):
     assert all(e["tokens_kept"] == 64 for e in log)  # every image token: no allocator in stage 0
 
 
+# "Reads the image": at least 10 points of VQA soft accuracy over the same questions on blank
+# images (the from-scratch stage 0 of a test run stays within a few points of blank).
+BASE_GAP = 0.10
+
+
 def _blank(sample):
     """The sample with its image replaced by a uniform grey one of the same size."""
     from PIL import Image
@@ -109,23 +114,20 @@ def _blank(sample):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    reason="known shortfall: the tiny base does not learn to pick the queried object out of several "
-    "within any CPU budget tried (up to 3000 steps x 16 samples: real 0.32 vs blank 0.29 first-token "
-    "accuracy), although with one object per scene it learns colours in 300 steps (0.80 vs 0.12 blank)",
-    strict=False,
-)
-def test_stage0_base_uses_the_image(root):
-    """Held-out accuracy with the real images beats the same questions on blank grey images.
+def test_shipped_base_reads_the_image(root):
+    """The shipped stage-0 export (``model.source: tiny-pretrained``) answers held-out
+    questions better with the real images than with blank grey ones.
 
-    The synthetic questions carry no text-only shortcut (answers balanced per question
+    It was trained on scenes of seed 1; these are the tests' seed-0 validation scenes, never
+    seen. The synthetic questions carry no text-only shortcut (answers balanced per question
     kind, see data_prep.synth), so the gap is what the base reads from the pixels."""
-    art = artifact(root, "stage0")
-    task = fresh_task(root, "stage0")
-    hf_model, processor = load_vlm(task.ctx.cfg.model, base_dir=art / "base")
-    model = ARRCOCQwen(hf_model, task.ctx.cfg.allocator)
-    samples = read_samples(task.paths.vqav2, "val", 144)
+    cfg = config(root)
+    assert cfg.model.source == "tiny-pretrained"
+    hf_model, processor = load_vlm(cfg.model)
+    model = ARRCOCQwen(hf_model, cfg.allocator)
+    samples = read_samples(ensure_data(cfg).vqav2, "val", 288)
+    assert len(samples) == 288
     kwargs = dict(budget=None, batch_size=16, max_new_tokens=4, device=torch.device("cpu"))
     real = vqa_accuracy(model, processor, samples, **kwargs)
     blank = vqa_accuracy(model, processor, [_blank(s) for s in samples], **kwargs)
-    assert real > blank + 0.08, (real, blank)
+    assert real > blank + BASE_GAP, (real, blank)

@@ -27,16 +27,17 @@ def test_split_counts_and_weighted_loss():
 
 @pytest.mark.integration
 @pytest.mark.xfail(
-    reason="known shortfall: the tiny stage-0 base does not read the image (held-out accuracy with blank "
-    "images equals accuracy with real ones, test_stage0_base_uses_the_image), so hard-weighted training "
-    "shifts answer priors instead of adding visual skill; hard-split accuracy does not rise reliably",
+    reason="known shortfall: on the shipped base, hard-weighted training moves hard-split accuracy "
+    "by +0.003 (0.536 -> 0.539, 125 questions); three runs from two earlier stage-0 checkpoints "
+    "gave +0.096, -0.002 and +0.048, the normal split falling 3-7 points each time: not a "
+    "reliable rise (see README, known shortfalls)",
     strict=False,
 )
 def test_stage3_raises_hard_split_accuracy(root):
     artifact(root, "mine")
     start = start_metrics(root, "stage3")  # the stage-2 weights the mining artifact carries
     final = json.loads((artifact(root, "stage3") / "metrics.json").read_text())
-    assert final["eval_samples_hard"] == start["eval_samples_hard"] >= 32
+    assert final["eval_samples_hard"] == start["eval_samples_hard"] >= 100
     assert final["vqa_accuracy_hard"] > start["vqa_accuracy_hard"] + 0.05, (start, final)
     assert "vqa_accuracy_normal" in final and final["budget"] == K
 
