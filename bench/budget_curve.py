@@ -1,7 +1,9 @@
 """VQA accuracy vs token budget: the curriculum's allocator against query-agnostic selectors.
 
-Runs the tiny curriculum (stage 0 → 1 → 2 → mining → 3) through the real runner on CPU,
-then, on held-out synthetic VQA questions, swaps selectors into the final model (its
+Runs the tiny curriculum through the real runner on CPU, by default
+``configs/tiny-pretrained.yaml``: from the shipped tiny base, stage 1 → 2 → mining → 3, as a
+production run starts from a pretrained checkpoint (``--base scratch`` runs stage 0 first).
+Then, on held-out synthetic VQA questions, it swaps selectors into the final model (its
 LoRA adapters stay) and measures VQA soft accuracy of greedy answers at
 K ∈ {N/16, N/8, N/4, N/2, N} for: the trained allocator, random, centre prior,
 saliency only (bottom-up image saliency) and vision-token norm (query-agnostic).
@@ -11,7 +13,7 @@ every stage and the ZeRO-3 / ZeRO-2 step-time ratio of stage 2 measured side by 
 Targets: at K = N/4 the allocator keeps >= 97% of the all-token accuracy, and at K = N/8
 it beats every query-agnostic selector by >= 10 points.
 
-    .venv/bin/python bench/budget_curve.py              # tiny default, several minutes on 2 cores
+    .venv/bin/python bench/budget_curve.py              # about 10 minutes on 2 cores
     .venv/bin/python bench/budget_curve.py --root runs/bench --reuse   # keep / reuse the curriculum
 
 The last line is one JSON object: figures, targets and "pass".
@@ -41,56 +43,31 @@ MARGIN_TARGET = 0.10
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny-pretrained.yaml"),
+                        help="run config; its stage settings are used, with the step counts below")
     parser.add_argument("--root", default=None, help="run root (default: a temporary folder)")
     parser.add_argument("--reuse", action="store_true", help="reuse finished stage artifacts under --root")
-    parser.add_argument("--images", type=int, default=240, help="synthetic images (train + val)")
-    parser.add_argument("--stage0-steps", type=int, default=400)
-    parser.add_argument("--stage1-steps", type=int, default=60)
-    parser.add_argument("--stage2-steps", type=int, default=100)
-    parser.add_argument("--stage3-steps", type=int, default=60)
-    parser.add_argument("--eval-questions", type=int, default=144, help="held-out questions per point")
+    parser.add_argument("--base", choices=("pretrained", "scratch"), default="pretrained",
+                        help="start from the shipped tiny base, or warm the tiny model up with stage 0")
+    parser.add_argument("--images", type=int, default=1000, help="synthetic images (train + val)")
+    parser.add_argument("--stage0-steps", type=int, default=400, help="--base scratch only")
+    parser.add_argument("--stage1-steps", type=int, default=200)
+    parser.add_argument("--stage2-steps", type=int, default=300)
+    parser.add_argument("--stage3-steps", type=int, default=150)
+    parser.add_argument("--eval-questions", type=int, default=288, help="held-out questions per point")
     parser.add_argument("--zero-steps", type=int, default=8, help="stage-2 steps per ZeRO timing run")
     return parser.parse_args()
 
 
 def stage_overrides(args: argparse.Namespace, root: Path) -> list[str]:
-    """Every stage key spelled out (overriding one key of a stage replaces its section)."""
-    stages = {
-        "stage0": {
-            "max_steps": args.stage0_steps,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "budget": 64,
-            "eval_samples": 64,
-        },
-        "stage1": {
-            "max_steps": args.stage1_steps,
-            "batch_size": 4,
-            "lr": 3e-3,
-            "budget": 16,
-            "eval_samples": 64,
-        },
-        "stage2": {
-            "max_steps": args.stage2_steps,
-            "batch_size": 4,
-            "lr": 5e-3,
-            "budget": 16,
-            "eval_samples": 64,
-        },
-        "mine": {"budget": 16, "batch_size": 8, "hard_fraction": 0.3},
-        "stage3": {
-            "max_steps": args.stage3_steps,
-            "batch_size": 4,
-            "lr": 3e-3,
-            "budget": 16,
-            "eval_samples": 64,
-        },
-    }
+    """The config's stage settings with this run's root, data size and step counts."""
     sets = [f"run.root={root}", "run.name=budget-curve", f"data.images={args.images}"]
-    for stage, values in stages.items():
-        values.setdefault("checkpoint_every", values.get("max_steps", 1))
-        sets += [f"stages.{stage}.{key}={value}" for key, value in values.items()]
+    steps = {"stage1": args.stage1_steps, "stage2": args.stage2_steps, "stage3": args.stage3_steps}
+    if args.base == "scratch":
+        sets += ["model.source=tiny", "stages.stage0.enabled=true"]
+        steps["stage0"] = args.stage0_steps
+    for stage, count in steps.items():
+        sets += [f"stages.{stage}.max_steps={count}", f"stages.{stage}.checkpoint_every={count}"]
     return sets
 
 
@@ -98,7 +75,7 @@ def run_curriculum(cfg, reuse: bool) -> dict[str, dict]:
     from stages.runner import run_stage
 
     metrics = {}
-    for stage in STAGES:
+    for stage in STAGES if cfg.stages.stage0.enabled else STAGES[1:]:
         artifact = cfg.run_dir / stage / "artifact"
         if not (reuse and (artifact / "metrics.json").is_file()):
             print(f"-- training {stage}", flush=True)
