@@ -29,6 +29,7 @@ SCRATCH = "scratch"  # the from-scratch stage-0 run
 SOURCE = "tiny-pretrained"  # the stages 1-3 base: the shipped stage-0 export
 IMAGES = 1000  # synthetic scenes of the stage 1-3 run: 2400 training questions, 600 held out
 K = 16  # N/4 of the tiny default's 8x8 merged grid (256 px images, patch 16, merge 2)
+# Stage 2's adapters (mining and stage 3 load them with the config they were saved with).
 LORA_TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"  # attention and MLP
 
 STAGE_SETTINGS: dict[str, dict[str, object]] = {
@@ -57,8 +58,7 @@ STAGE_SETTINGS: dict[str, dict[str, object]] = {
         "checkpoint_every": 500,
         "lora.target_modules": LORA_TARGETS,
     },
-    "mine": {"budget": K, "hard_fraction": 0.3, "batch_size": 8, "pool_samples": 1800,
-             "lora.target_modules": LORA_TARGETS},
+    "mine": {"budget": K, "hard_fraction": 0.3, "batch_size": 8, "pool_samples": 1800},
     "stage3": {
         "max_steps": 300,
         "batch_size": 8,
@@ -68,7 +68,6 @@ STAGE_SETTINGS: dict[str, dict[str, object]] = {
         "checkpoint_every": 300,
         "hard_weight": 2.0,
         "replay_fraction": 0.5,
-        "lora.target_modules": LORA_TARGETS,
     },
 }
 ORDER = ("stage1", "stage2", "mine", "stage3")
