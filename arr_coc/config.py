@@ -33,6 +33,10 @@ class RunSection(_Section):
     """Folder holding run directories."""
 
 
+# ``model.source`` naming the shipped stage-0 export (``arr_coc.tiny.PRETRAINED_DIR``).
+PRETRAINED_SOURCE = "tiny-pretrained"
+
+
 class ModelSection(_Section):
     family: Literal["qwen3_vl", "qwen2_5_vl"] = "qwen3_vl"
     """Which Hugging Face model family the wrapper drives."""
@@ -56,7 +60,7 @@ class ModelSection(_Section):
     def _check(self) -> ModelSection:
         if self.image_size < 32:
             raise ValueError("image_size must be >= 32")
-        if self.source == "tiny-pretrained" and self.family != "qwen3_vl":
+        if self.source == PRETRAINED_SOURCE and self.family != "qwen3_vl":
             raise ValueError("source tiny-pretrained is a qwen3_vl model (set family: qwen3_vl)")
         return self
 

@@ -14,7 +14,7 @@ artifact (``save_vlm`` output) and a real ``from_pretrained`` checkpoint, so eve
 downstream runs one code path.
 
 ``source: tiny-pretrained`` is the tiny analogue of a pretrained checkpoint: a stage-0 export
-shipped in ``arr_coc/assets/tiny-qwen3vl-synth`` (1.4 MB of safetensors, made by this
+shipped in ``arr_coc/assets/tiny-qwen3vl-synth`` (2.0 MB of safetensors, made by this
 project's own stage 0 on scenes of another seed than any test's; ``PROVENANCE.json`` holds
 the command, commit and measured figures). It loads through ``from_pretrained`` as a real
 checkpoint does, so runs that need a base which already reads the image (the stage 1-3
@@ -38,7 +38,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from arr_coc.config import ModelSection
+from arr_coc.config import PRETRAINED_SOURCE, ModelSection
 from arr_coc.processing import VLProcessor
 from data_prep.vocab import vocabulary
 
@@ -69,7 +69,6 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4)
 
 # The shipped stage-0 export (``model.source: tiny-pretrained``).
-PRETRAINED_SOURCE = "tiny-pretrained"
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen3vl-synth"
 
 
@@ -183,18 +182,16 @@ def load_vlm(model_section: ModelSection, base_dir: str | Path | None = None) ->
     """The frozen base VLM and its processor.
 
     ``source: tiny`` builds the tiny model (seed 0) or, when ``base_dir`` holds a stage-0 export
-    (``save_vlm``), loads those weights; any other ``source`` is a local path or hub name given to
+    (``save_vlm``), loads those weights; ``tiny-pretrained`` loads the shipped export; any other ``source`` is a local path or hub name given to
     ``from_pretrained`` (nothing is fetched here: it must already be on disk or in the HF cache).
     """
+    if base_dir is None and model_section.source == PRETRAINED_SOURCE:
+        base_dir = PRETRAINED_DIR
     if base_dir is not None:
         base_dir = Path(base_dir)
         if not any(base_dir.glob("*.safetensors")):
             raise FileNotFoundError(f"{base_dir}: no *.safetensors base weights (expected a save_vlm export)")
         return _from_pretrained(str(base_dir), model_section)
-    if model_section.source == PRETRAINED_SOURCE:
-        if not any(PRETRAINED_DIR.glob("*.safetensors")):
-            raise FileNotFoundError(f"{PRETRAINED_DIR}: the shipped tiny base is missing (a partial checkout?)")
-        return _from_pretrained(str(PRETRAINED_DIR), model_section)
     if model_section.source == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(model_section.family, seed=0, tokenizer=tokenizer)

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arr_coc.processing import IGNORE_INDEX, VLProcessor  # noqa: E402
 from arr_coc.tiny import build_image_processor, build_tiny_tokenizer, tiny_config  # noqa: E402
-from data_prep.synth import CAPTION_QUESTION, describe, generate  # noqa: E402
+from data_prep.synth import CAPTION_QUESTION, QUESTION_TYPES, describe, generate  # noqa: E402
 
 
 @dataclass
@@ -99,10 +99,7 @@ RECIPES = {
 
 
 def kind_of(question: str) -> str:
-    for prefix, kind in (("what color", "color"), ("is there", "exists"), ("where", "where"), ("how many", "count")):
-        if question.startswith(prefix):
-            return kind
-    return "caption"
+    return next((kind for kind, prefix in QUESTION_TYPES.items() if question.startswith(prefix)), "caption")
 
 
 def load_split(root: Path, split: str) -> tuple[list[dict], list[dict]]:

@@ -92,14 +92,9 @@ def artifact(root: Path, name: str) -> Path:
     from stages.runner import run_stage
 
     torch.set_num_threads(1)
-    if name == "stage0":
-        cfg = config(root, scratch=True)
-        path = cfg.run_dir / "stage0" / "artifact"
-        if not (path / "metrics.json").is_file():
-            run_stage("stage0", cfg, resume=False)
-        return path
-    cfg = config(root)
-    for stage in ORDER[: ORDER.index(name) + 1]:
+    scratch = name == "stage0"  # stage 0 has its own from-scratch run
+    cfg, order = (config(root, scratch=True), ("stage0",)) if scratch else (config(root), ORDER)
+    for stage in order[: order.index(name) + 1]:
         path = cfg.run_dir / stage / "artifact"
         if not (path / "metrics.json").is_file():
             run_stage(stage, cfg, resume=False)
