@@ -180,7 +180,11 @@ class StageSection(_Section):
     replay_fraction: float = 0.5
     """Share of normal data mixed into the hard set (stage 3)."""
     hard_fraction: float = 0.3
-    """Hardest share of the pool kept by mining."""
+    """Hardest share of the pool kept by mining (of each stratum, see ``hard_strata``)."""
+    hard_strata: Literal["answer", "none"] = "answer"
+    """Mining takes the hardest share within each group of pool questions with the same answer
+    ("answer"), so the hard set keeps the pool's answer mix and hardening does not shift the
+    answer priors; "none": the hardest share of the whole pool."""
     pool_samples: int = 0
     """Training questions mining scores, the first ones in shard order (0: the whole split)."""
     caption_fraction: float = 0.0

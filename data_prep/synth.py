@@ -293,8 +293,10 @@ def _question_candidates(rng: random.Random, scene: Scene, size: int) -> list[tu
     absent = [c for c in COLORS if all(o.color != c for o in objs)]
     for shape in sorted({o.shape for o in objs}):  # "no": a present shape in a colour absent from the image
         if absent:
+            # As hard as seeing the colour of every object of that shape (a small or faint one too).
+            flags = set().union(*(o.flags - {"same_color_distractor"} for o in by_shape[shape]))
             text = QUESTION_TEMPLATES["exists"].format(color=rng.choice(absent), shape=shape)
-            out.append(("exists", text, "no", set()))
+            out.append(("exists", text, "no", flags))
     if not objs:
         text = QUESTION_TEMPLATES["exists"].format(color=rng.choice(list(COLORS)), shape=rng.choice(SHAPES))
         out.append(("exists", text, "no", set()))

@@ -58,11 +58,11 @@ STAGE_SETTINGS: dict[str, dict[str, object]] = {
         "checkpoint_every": 500,
         "lora.target_modules": LORA_TARGETS,
     },
-    "mine": {"budget": K, "hard_fraction": 0.3, "batch_size": 8, "pool_samples": 1800},
+    "mine": {"budget": K, "hard_fraction": 0.3, "hard_strata": "answer", "batch_size": 8, "pool_samples": 1800},
     "stage3": {
         "max_steps": 300,
         "batch_size": 8,
-        "lr": 1e-3,
+        "lr": 3e-4,  # the shipped default, below stage 2's (1e-3 cost the normal split 6-10 points)
         "budget": K,
         "eval_samples": 300,  # up to 300 per validation split (hard / normal)
         "checkpoint_every": 300,

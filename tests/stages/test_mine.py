@@ -8,7 +8,7 @@ import math
 import pytest
 from curriculum_run import STAGE_SETTINGS, artifact
 
-from stages.mine import HARD_SHARDS_DIR, HARD_TABLE_DIR, MineTask, select_hard
+from stages.mine import HARD_SHARDS_DIR, HARD_TABLE_DIR, MineTask, select_hard, stratum_quotas
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,21 @@ def test_select_hard_takes_top_fraction_by_loss_plus_flagged():
     assert by_loss == [False, True, False, True, False, False]
     assert selected == [False, True, False, True, True, False]
     assert select_hard([1.0, 1.0, 1.0], [False] * 3, 0.5)[0] == [True, True, False]  # ties: pool order
+
+
+def test_select_hard_takes_each_strata_share():
+    losses = [0.1, 2.0, 0.5, 3.0, 0.2, 0.3]
+    strata = ["yes", "yes", "yes", "yes", "no", "no"]
+    by_loss, selected = select_hard(losses, [False] * 6, 0.5, strata)
+    # Overall the top 3 would be 3.0, 2.0, 0.5 (all "yes"); per stratum: 2 of "yes", 1 of "no".
+    assert by_loss == [False, True, False, True, False, True]
+    assert selected == by_loss
+
+
+def test_stratum_quotas_sum_to_the_overall_share():
+    assert stratum_quotas([10, 5, 1], 0.3) == [3, 2, 0]  # 3 + 1.5 + 0.3 -> ceil(4.8) = 5
+    assert stratum_quotas([1, 1, 1], 0.5) == [1, 1, 0]  # ties of the remainder: earlier stratum
+    assert sum(stratum_quotas([7, 3, 9, 1], 0.25)) == 5
 
 
 def test_mine_has_no_training_loop():
@@ -48,8 +63,15 @@ def test_mining_table_and_hard_shards(root):
 
     fraction = STAGE_SETTINGS["mine"]["hard_fraction"]
     assert sum(table["by_loss"]) == math.ceil(fraction * len(table))
-    threshold = min(loss for loss, b in zip(table["loss"], table["by_loss"]) if b)
-    assert all(loss <= threshold for loss, b in zip(table["loss"], table["by_loss"]) if not b)
+    assert STAGE_SETTINGS["mine"]["hard_strata"] == "answer"
+    strata = list(dict.fromkeys(table["answer"]))  # in pool order, as select_hard groups them
+    quotas = dict(zip(strata, stratum_quotas([table["answer"].count(a) for a in strata], fraction)))
+    for answer in strata:  # each answer's own top losses, its share of the hard set
+        rows = [(loss, b) for loss, b, a in zip(table["loss"], table["by_loss"], table["answer"]) if a == answer]
+        assert sum(b for _, b in rows) == quotas[answer]
+        if quotas[answer]:
+            threshold = min(loss for loss, b in rows if b)
+            assert all(loss <= threshold for loss, b in rows if not b)
     assert table["flagged"] == [bool(s["json"].get("hard")) for s in pool]
     expected = [b or f for b, f in zip(table["by_loss"], table["flagged"])]
     assert table["selected"] == expected and metrics["hard_selected"] == sum(expected)
