@@ -252,6 +252,11 @@ def describe(objects: list[dict], width: int, height: int) -> str | None:
     return " . ".join(parts)
 
 
+def _shape_flags(found: list[SceneObject]) -> set[str]:
+    """Flags of a question about every object of one shape: its objects' own (small, faint)."""
+    return set().union(*(o.flags - {"same_color_distractor"} for o in found))
+
+
 def _distractor_flag(target: SceneObject, objects: list[SceneObject]) -> set[str]:
     same = any(o is not target and o.color == target.color and o.shape != target.shape for o in objects)
     return {"same_color_distractor"} if same else set()
@@ -280,7 +285,7 @@ def _question_candidates(rng: random.Random, scene: Scene, size: int) -> list[tu
     most = max((len(found) for found in by_shape.values()), default=0)
     if most:
         shape = rng.choice([s for s, found in by_shape.items() if len(found) == most])
-        flags = set().union(*(o.flags - {"same_color_distractor"} for o in by_shape[shape]))
+        flags = _shape_flags(by_shape[shape])
         out.append(("count", QUESTION_TEMPLATES["count"].format(shapes=plural(shape)), str(most), flags))
     for obj in objs:
         twins = [o for o in objs if o.shape == obj.shape and o.color == obj.color]
@@ -294,7 +299,7 @@ def _question_candidates(rng: random.Random, scene: Scene, size: int) -> list[tu
     for shape in sorted({o.shape for o in objs}):  # "no": a present shape in a colour absent from the image
         if absent:
             # As hard as seeing the colour of every object of that shape (a small or faint one too).
-            flags = set().union(*(o.flags - {"same_color_distractor"} for o in by_shape[shape]))
+            flags = _shape_flags(by_shape[shape])
             text = QUESTION_TEMPLATES["exists"].format(color=rng.choice(absent), shape=shape)
             out.append(("exists", text, "no", flags))
     if not objs:

@@ -40,8 +40,8 @@ def served(prefect_server, tmp_path_factory):
         cwd=root,
         start_new_session=True,
     )
-    # Prefect's own HTTP client: it retries the 503 that a busy SQLite store answers (as the UI's
-    # users would press again); the tests still see every other status.
+    # Prefect's own HTTP client: it retries the 503 that a busy SQLite store answers (CI saw one
+    # on create_flow_run); the tests still see every other status.
     api = PrefectHttpxSyncClient(base_url=prefect_server.api_url, timeout=30, raise_on_all_errors=False)
     try:
         deadline = time.monotonic() + 180

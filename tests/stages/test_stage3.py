@@ -29,8 +29,8 @@ def test_split_counts_and_weighted_loss():
 @pytest.mark.xfail(
     reason="known shortfall: hardening does not raise hard-split accuracy on the tiny model: "
     "0.559 -> 0.554 (142 questions; normal split 0.576 -> 0.552) with answer-stratified mining "
-    "and lr 3e-4; 0.616 -> 0.569 on 3000 scenes (400 questions). The hard set shifts the answer "
-    "priors ('yes' 248 -> 326 of 1768 answers) (see README, known shortfalls)",
+    "and lr 3e-4; 0.616 -> 0.569 on 3000 scenes (400 questions), where the hard set shifted the "
+    "answer priors ('yes' 248 -> 326 of 1768 answers) (see README, known shortfalls)",
     strict=False,
 )
 def test_stage3_raises_hard_split_accuracy(root):
