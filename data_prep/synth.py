@@ -12,7 +12,8 @@ and returns a summary (paths and counts). A scene holds one shape repeated 1-4 t
 an object). Questions ask for the colour of a named shape, whether a coloured shape exists,
 where it is (left/right/top/bottom), and how many of the repeated shape there are, mixed by
 ``QUESTION_MIX`` and built so the question text alone does not give the answer away. Some scenes are hard: small
-objects, low contrast against the background, distractors of the same colour; the flags
+objects, faint (low-contrast) objects drawn most of the way toward the grey background,
+distractors of the same colour; the flags
 sit in an extra ``"hard"`` list on the COCO image entry and on each VQAv2 question.
 Answers carry annotator noise ("Yes", "two", "on the left") so the official normalisation
 matters. Same ``seed`` -> identical files.
@@ -47,6 +48,11 @@ QUESTION_TYPES = {"color": "what color is the", "exists": "is there a", "where":
 ANSWER_TYPES = {"color": "other", "exists": "yes/no", "where": "other", "count": "number"}
 
 _HARD_SCENE_PROB = 0.6
+# A faint ("low_contrast") object is drawn this far from its colour toward the background
+# (measured on the tests' 1000 scenes, stage-2 model: flagged held-out questions 0.446 vs 0.551
+# for the rest at 0.8; 0.533 vs 0.582 at 0.6; 0.559 vs 0.576 when the background was tinted
+# toward the object's colour instead, which gave that colour away).
+_FAINT_BLEND = 0.8
 _EMPTY_SCENE_PROB = 0.03
 _PNG_PROB = 0.25
 _QUESTIONS_PER_IMAGE = 3
@@ -156,9 +162,7 @@ def make_scene(rng: random.Random, size: int) -> Scene:
             objects.append(SceneObject(shape, target.color, box, set()))
             target.flags.add("same_color_distractor")
     if "low_contrast" in hard:
-        target = objects[-1]
-        background = _blend(COLORS[target.color], background, 0.22)
-        target.flags.add("low_contrast")
+        objects[-1].flags.add("low_contrast")
     return Scene(background, objects)
 
 
@@ -166,14 +170,21 @@ def render(scene: Scene, size: int) -> Image.Image:
     image = Image.new("RGB", (size, size), scene.background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        _draw_shape(draw, obj)
+        _draw_shape(draw, obj, fill_of(obj, scene.background))
     return image
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
+def fill_of(obj: SceneObject, background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The drawn colour: the named one, or for a faint object a blend toward the background
+    (its hue stays that of its colour name, weaker; the background gives nothing away)."""
+    if "low_contrast" in obj.flags:
+        return _blend(COLORS[obj.color], background, _FAINT_BLEND)
+    return COLORS[obj.color]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int]) -> None:
     x0, y0, x1, y1 = obj.box
     xe, ye = x1 - 1, y1 - 1  # PIL coordinates are inclusive
-    fill = COLORS[obj.color]
     w, h = x1 - x0, y1 - y0
     if obj.shape in ("square", "bar"):
         draw.rectangle((x0, y0, xe, ye), fill=fill)
