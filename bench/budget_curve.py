@@ -49,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true", help="reuse finished stage artifacts under --root")
     parser.add_argument("--base", choices=("pretrained", "scratch"), default="pretrained",
                         help="start from the shipped tiny base, or warm the tiny model up with stage 0")
-    parser.add_argument("--images", type=int, default=1000, help="synthetic images (train + val)")
+    parser.add_argument("--images", type=int, default=1500, help="synthetic images (train + val)")
     parser.add_argument("--stage0-steps", type=int, default=400, help="--base scratch only")
     parser.add_argument("--stage1-steps", type=int, default=200)
     parser.add_argument("--stage2-steps", type=int, default=300)
