@@ -162,3 +162,31 @@ def iter_samples(shard_dir: Path, split: str) -> Iterator[dict[str, Any]]:
 def _all_shards(urls):
     """A webdataset splitter that keeps every shard."""
     return urls
+
+
+class JoinedLoader:
+    """Each batch joins one batch of every part, in order: e.g. VQA + captions (stage 0),
+    hard + replay (stage 3).
+
+    ``parts`` maps a name to a data_prep ``ShardLoader`` (``None``: the part is off) and the
+    fields stamped on its items (``{"hard": True}``). The state is the parts' own states,
+    keyed by name, so resume is exact.
+    """
+
+    def __init__(self, parts: dict[str, tuple[Any, dict[str, Any]] | None]):
+        self.parts = {name: part for name, part in parts.items() if part is not None}
+
+    def __iter__(self):
+        streams = [(iter(loader), fields) for loader, fields in self.parts.values()]
+        while True:
+            yield [{**item, **fields} for stream, fields in streams for item in next(stream)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: loader.state_dict() for name, (loader, _) in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.parts) - set(state))
+        if missing:
+            raise DataError(f"loader state: no state for part(s) {', '.join(missing)}")
+        for name, (loader, _) in self.parts.items():
+            loader.load_state_dict(state[name])

@@ -30,7 +30,7 @@ from arr_coc.errors import ConfigError
 from data_prep.synth import CAPTION_QUESTION, describe
 from stages import common
 from stages.base import StageContext, StageTask
-from stages.data import ensure_data, read_samples, shard_urls
+from stages.data import JoinedLoader, ensure_data, read_samples, shard_urls
 from stages.evaluate import vqa_accuracy
 
 BASE_DIR = "base"
@@ -59,29 +59,6 @@ def caption_items(meta: dict) -> list[dict]:
 def as_caption_sample(sample: dict) -> dict:
     return {"__key__": sample["__key__"], "image": sample["image"],
             "json": {"question": CAPTION_QUESTION, "answer": sample["caption"]}}
-
-
-class WarmupLoader:
-    """Batches of VQA items followed by caption items, each from its own shard loader.
-
-    The state is the two loaders' states, so resume is exact."""
-
-    def __init__(self, vqa, captions=None):
-        self.vqa, self.captions = vqa, captions
-
-    def __iter__(self):
-        vqa = iter(self.vqa)
-        captions = iter(self.captions) if self.captions is not None else None
-        while True:
-            yield list(next(vqa)) + (list(next(captions)) if captions is not None else [])
-
-    def state_dict(self) -> dict:
-        return {"vqa": self.vqa.state_dict(), "captions": self.captions.state_dict() if self.captions else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.vqa.load_state_dict(state["vqa"])
-        if self.captions is not None:
-            self.captions.load_state_dict(state["captions"])
 
 
 def caption_count(batch_size: int, caption_fraction: float) -> int:
@@ -113,7 +90,7 @@ class Stage0Task(StageTask):
         n_captions = caption_count(stage.batch_size, stage.caption_fraction)
         vqa = vqa_loader(self.ctx, self.paths.vqav2, batch_size=stage.batch_size - n_captions)
         if not n_captions:
-            return WarmupLoader(vqa)
+            return JoinedLoader({"vqa": (vqa, {})})
         captions = ShardLoader(
             shard_urls(self.paths.coco, "train"),
             batch_size=n_captions,
@@ -124,7 +101,7 @@ class Stage0Task(StageTask):
             expand=caption_items,
             transform=as_caption_sample,
         )
-        return WarmupLoader(vqa, captions)
+        return JoinedLoader({"vqa": (vqa, {}), "captions": (captions, {})})
 
     def training_step(self, model, batch):
         inputs = common.vqa_inputs(self.processor, batch, self.ctx.device, with_answers=True)

@@ -17,42 +17,10 @@ from typing import Any
 import torch
 
 from arr_coc.errors import ConfigError
-from stages.data import iter_samples, shard_urls
+from stages.data import JoinedLoader, iter_samples, shard_urls
 from stages.mine import HARD_SHARDS_DIR
 from stages.stage0 import vqa_loader
 from stages.stage2 import VQATask
-
-
-class MixedLoader:
-    """Batches of ``hard`` items from one loader and ``replay`` items from another.
-
-    Both inner loaders are data_prep ``ShardLoader``s; the state is theirs, so resume is
-    exact. Each item gets ``"hard": bool`` so the loss can weight it.
-    """
-
-    def __init__(self, hard_loader, replay_loader=None):
-        self.hard_loader = hard_loader
-        self.replay_loader = replay_loader
-
-    def __iter__(self):
-        hard = iter(self.hard_loader)
-        replay = iter(self.replay_loader) if self.replay_loader is not None else None
-        while True:
-            batch = [{**item, "hard": True} for item in next(hard)]
-            if replay is not None:
-                batch += [{**item, "hard": False} for item in next(replay)]
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"hard": self.hard_loader.state_dict()}
-        if self.replay_loader is not None:
-            state["replay"] = self.replay_loader.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hard_loader.load_state_dict(state["hard"])
-        if self.replay_loader is not None:
-            self.replay_loader.load_state_dict(state["replay"])
 
 
 def split_counts(batch_size: int, replay_fraction: float) -> tuple[int, int]:
@@ -91,7 +59,10 @@ class Stage3Task(VQATask):
             seed=self.ctx.cfg.seed,
         )
         replay = vqa_loader(self.ctx, self.paths.vqav2, batch_size=replay_count) if replay_count else None
-        return MixedLoader(hard, replay)
+        return JoinedLoader({
+            "hard": (hard, {"hard": True}),
+            "replay": (replay, {"hard": False}) if replay is not None else None,
+        })
 
     def training_step(self, model, batch):
         out, budgets = self.answer_loss(model, batch)
