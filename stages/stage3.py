@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from arr_coc.errors import ConfigError
-from stages.data import JoinedLoader, iter_samples, shard_urls
+from stages.data import JoinedLoader, iter_samples
 from stages.mine import HARD_SHARDS_DIR
 from stages.stage0 import vqa_loader
 from stages.stage2 import VQATask
@@ -47,17 +47,8 @@ class Stage3Task(VQATask):
         self._splits: dict[str, list[dict[str, Any]]] | None = None
 
     def train_loader(self):
-        from data_prep.loader import ShardLoader
-
         hard_count, replay_count = split_counts(self.ctx.stage.batch_size, self.ctx.stage.replay_fraction)
-        hard = ShardLoader(
-            shard_urls(self.hard_shards, "train"),
-            batch_size=hard_count,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-            num_workers=0,
-            seed=self.ctx.cfg.seed,
-        )
+        hard = vqa_loader(self.ctx, self.hard_shards, batch_size=hard_count)
         replay = vqa_loader(self.ctx, self.paths.vqav2, batch_size=replay_count) if replay_count else None
         return JoinedLoader({
             "hard": (hard, {"hard": True}),
